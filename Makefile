@@ -1,0 +1,20 @@
+# Quick start: `make demo` runs the method end to end, `make test` runs the test suite.
+# Both create .venv and install the project into it when needed.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.ddep-installed
+
+.PHONY: demo test install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) examples/quickstart.py
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

@@ -1,0 +1,80 @@
+"""The UNet-style decoder that both architectures share.
+
+Starting from the deepest feature map, each block upsamples, concatenates the next shallower
+encoder feature (the skip) and applies two 3x3 conv-BN-ReLU layers. Blocks past the last skip
+upsample by two without one, up to the input resolution. TransUNet's cascaded upsampler is this
+decoder with a 3x3 "center" convolution on the ViT tokens, four blocks, bilinear upsampling.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DecoderBlock(nn.Module):
+    """Upsample to the skip's size (or by two), concatenate the skip, two conv-BN-ReLU."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, upsample_mode: str) -> None:
+        super().__init__()
+        self.upsample_mode = upsample_mode
+        self.conv1 = conv_bn_relu(in_channels + skip_channels, out_channels)
+        self.conv2 = conv_bn_relu(out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
+        align = {} if self.upsample_mode == "nearest" else {"align_corners": False}
+        x = F.interpolate(x, size=size, mode=self.upsample_mode, **align)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class UNetDecoder(nn.Module):
+    """Decode a pyramid of encoder features (shallow to deep) to ``out_channels`` at full size.
+
+    Args:
+        encoder_channels: channels of each encoder feature map, shallow to deep.
+        decoder_channels: output channels of each block, deep to shallow; there must be at least
+            one block per skip (every feature map but the deepest).
+        center_channels: if set, a 3x3 conv-BN-ReLU maps the deepest feature to this width first.
+        upsample_mode: ``"nearest"`` (UNet) or ``"bilinear"`` (TransUNet).
+    """
+
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        decoder_channels: Sequence[int],
+        center_channels: int | None = None,
+        upsample_mode: str = "nearest",
+    ) -> None:
+        super().__init__()
+        skip_channels = list(encoder_channels[:-1])[::-1]
+        if len(decoder_channels) < len(skip_channels):
+            raise ValueError(
+                f"decoder_channels has {len(decoder_channels)} blocks; the encoder has {len(skip_channels)} skips"
+            )
+        self.center = conv_bn_relu(encoder_channels[-1], center_channels) if center_channels else nn.Identity()
+        in_channels = [center_channels or encoder_channels[-1], *decoder_channels[:-1]]
+        skip_channels += [0] * (len(decoder_channels) - len(skip_channels))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(i, s, o, upsample_mode) for i, s, o in zip(in_channels, skip_channels, decoder_channels)
+        )
+        self.out_channels = decoder_channels[-1]
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        skips = list(features[:-1])[::-1]
+        x = self.center(features[-1])
+        for i, block in enumerate(self.blocks):
+            x = block(x, skips[i] if i < len(skips) else None)
+        return x

@@ -1,0 +1,136 @@
+"""TransUNet: the hybrid R50+ViT-B/16 encoder and the cascaded upsampler decoder.
+
+The encoder is timm's ``vit_base_r50_s16_224`` (its ``orig_in21k`` weights are the paper's
+ImageNet-21k encoder). The ResNet stem and its first two stages give skips at 1/2, 1/4 and 1/8;
+the third stage feeds the ViT, whose tokens are reshaped to an (H/16, W/16) map. Position
+embeddings are resampled to the input's token grid, so any input whose sides are multiples of 16
+works, non-square included; other sizes are refused with a clear error (pad or resize them).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import timm
+import torch
+from timm.layers import HybridEmbed, StdConv2dSame, resample_abs_pos_embed
+from timm.models.resnetv2 import ResNetV2
+from torch import nn
+
+from .decoder import UNetDecoder
+from .encoders import check_timm_name
+from .registry import register_arch
+from .weights import create_pretrained, load_encoder_weights, pretrained_name, weights_kind
+
+PATCH_STRIDE = 16
+DEFAULT_RESNET_LAYERS = (3, 4, 9)
+
+
+def hybrid_backbone(layers: Sequence[int], width: float) -> ResNetV2:
+    """The ResNetV2 trunk of timm's R50 hybrids (StdConv, GroupNorm, 'same' padding), resizable.
+
+    Channel counts are scaled by ``width`` and must stay multiples of 32 for GroupNorm's 32
+    groups inside every bottleneck: widths 0.5, 1, 2 work.
+    """
+    channels = tuple(int(c * width) for c in (256, 512, 1024)[: len(layers)])
+    return ResNetV2(
+        layers=list(layers),
+        channels=channels,
+        stem_chs=int(64 * width),
+        num_classes=0,
+        global_pool="",
+        preact=False,
+        stem_type="same",
+        conv_layer=partial(StdConv2dSame, eps=1e-8),
+    )
+
+
+class HybridViTEncoder(nn.Module):
+    """Features at strides 2, 4, 8 (ResNet) and 16 (ViT tokens) from a timm R50+ViT hybrid."""
+
+    def __init__(
+        self,
+        name: str = "vit_base_r50_s16_224",
+        encoder_weights: str | None = None,
+        depth: int | None = None,
+        embed_dim: int | None = None,
+        num_heads: int | None = None,
+        resnet_layers: Sequence[int] = DEFAULT_RESNET_LAYERS,
+        resnet_width: float = 1.0,
+    ) -> None:
+        super().__init__()
+        check_timm_name(name)
+        vit_sizes = {k: v for k, v in dict(depth=depth, embed_dim=embed_dim, num_heads=num_heads).items() if v is not None}
+        custom_trunk = tuple(resnet_layers) != DEFAULT_RESNET_LAYERS or resnet_width != 1.0
+        if len(resnet_layers) != 3:
+            raise ValueError(f"resnet_layers needs 3 stages (skips at 1/4 and 1/8, tokens at 1/16); got {tuple(resnet_layers)}")
+        if weights_kind(encoder_weights) == "tag":
+            if vit_sizes or custom_trunk:
+                raise ValueError("pretrained weights from timm need the default encoder sizes; drop depth/embed_dim/num_heads/resnet_*")
+            self.model = create_pretrained(timm.create_model, pretrained_name(name, encoder_weights), num_classes=0)
+        else:
+            if custom_trunk:
+                vit_sizes["embed_layer"] = partial(HybridEmbed, backbone=hybrid_backbone(resnet_layers, resnet_width))
+            self.model = timm.create_model(name, num_classes=0, **vit_sizes)
+        trunk = getattr(getattr(self.model, "patch_embed", None), "backbone", None)
+        if not isinstance(trunk, ResNetV2) or len(trunk.stages) != 3 or self.model.no_embed_class:
+            raise ValueError(f"encoder {name!r} is not an R50+ViT hybrid with a stride-16 ResNet trunk (try vit_base_r50_s16_224)")
+        if weights_kind(encoder_weights) in ("file", "offline"):
+            load_encoder_weights(self.model, name, encoder_weights)
+        stage_channels = [s.blocks[-1].conv3.out_channels for s in trunk.stages]
+        self.out_channels: list[int] = [trunk.stem.conv.out_channels, *stage_channels[:2], self.model.embed_dim]
+        self.reductions: list[int] = [2, 4, 8, PATCH_STRIDE]
+        self.mean = tuple(self.model.pretrained_cfg["mean"])
+        self.std = tuple(self.model.pretrained_cfg["std"])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        height, width = x.shape[-2:]
+        if height % PATCH_STRIDE or width % PATCH_STRIDE:
+            raise ValueError(f"TransUNet input sides must be multiples of 16; got {height}x{width} (pad or resize)")
+        vit = self.model
+        trunk = vit.patch_embed.backbone
+        x = trunk.stem.norm(trunk.stem.conv(x))
+        features = [x]
+        x = trunk.stem.pool(x)
+        for stage in trunk.stages:
+            x = stage(x)
+            features.append(x)
+        grid = vit.patch_embed.proj(trunk.norm(x))
+        tokens = grid.flatten(2).transpose(1, 2)
+        pos = resample_abs_pos_embed(
+            vit.pos_embed, grid.shape[-2:], old_size=vit.patch_embed.grid_size, num_prefix_tokens=vit.num_prefix_tokens
+        )
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        tokens = vit.pos_drop(torch.cat([*prefix, tokens], dim=1) + pos)
+        tokens = vit.norm(vit.blocks(vit.norm_pre(tokens)))[:, vit.num_prefix_tokens :]
+        features[-1] = tokens.transpose(1, 2).reshape(grid.shape)
+        return features
+
+
+@register_arch("transunet", default_encoder="vit_base_r50_s16_224")
+def transunet(
+    encoder: str,
+    encoder_weights: str | None,
+    decoder_width: int,
+    decoder_channels: Sequence[int] = (256, 128, 64, 16),
+    center_channels: int = 512,
+    depth: int | None = None,
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
+    resnet_layers: Sequence[int] = DEFAULT_RESNET_LAYERS,
+    resnet_width: float = 1.0,
+) -> tuple[HybridViTEncoder, UNetDecoder]:
+    """TransUNet's cascaded upsampler: a 3x3 conv on the tokens, then four bilinear blocks.
+
+    ``decoder_width`` multiplies ``center_channels`` and ``decoder_channels``. ``depth``,
+    ``embed_dim``, ``num_heads`` (ViT) and ``resnet_layers``, ``resnet_width`` (trunk) build
+    smaller encoders, for tests or small data; None keeps timm's ViT-B/16 sizes.
+    """
+    enc = HybridViTEncoder(encoder, encoder_weights, depth, embed_dim, num_heads, resnet_layers, resnet_width)
+    dec = UNetDecoder(
+        enc.out_channels,
+        [c * decoder_width for c in decoder_channels],
+        center_channels=center_channels * decoder_width,
+        upsample_mode="bilinear",
+    )
+    return enc, dec

