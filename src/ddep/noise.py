@@ -19,15 +19,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .choices import check_choice
+
 NOISE_TYPES = ("scaled", "simple")
 TARGETS = ("noise", "image")
 NOISE_LEVELS = ("fixed", "uniform", "ddpm")
 LOSSES = ("l2", "l1", "huber")
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 def sample_gamma(
@@ -44,7 +41,7 @@ def sample_gamma(
     ``fixed`` uses ``noise_std``; ``uniform`` draws sigma ~ U[noise_std_range]; ``ddpm`` draws
     gamma ~ U[gamma_min, 1] directly.
     """
-    _check_choice("noise_level", noise_level, NOISE_LEVELS)
+    check_choice("noise_level", noise_level, NOISE_LEVELS)
     if noise_level == "fixed":
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0; got {noise_std}")
@@ -78,8 +75,8 @@ def corrupt(
     Returns ``(x_noisy, target)``: the target is the noise eps for ``target="noise"`` and the clean
     ``x`` for ``target="image"``. Pass a ``generator`` (on ``x``'s device) for reproducible noise.
     """
-    _check_choice("noise_type", noise_type, NOISE_TYPES)
-    _check_choice("target", target, TARGETS)
+    check_choice("noise_type", noise_type, NOISE_TYPES)
+    check_choice("target", target, TARGETS)
     if x.dim() != 4:
         raise ValueError(f"corrupt expects a batch B x C x H x W; got shape {tuple(x.shape)}")
     if noise_type == "simple" and noise_level == "ddpm":
@@ -98,7 +95,7 @@ def corrupt(
 
 def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str = "l2", huber_delta: float = 1.0) -> torch.Tensor:
     """Mean per-pixel regression loss between the decoder's output and the target."""
-    _check_choice("loss", loss, LOSSES)
+    check_choice("loss", loss, LOSSES)
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     if loss == "l2":

@@ -6,12 +6,11 @@ state dict keys are those of timm's own checkpoints.
 """
 from __future__ import annotations
 
-import difflib
-
 import timm
 import torch
 from torch import nn
 
+from ..choices import did_you_mean
 from .weights import WeightsDownloadError, create_pretrained, load_encoder_weights, pretrained_name, weights_kind
 
 
@@ -20,9 +19,7 @@ def check_timm_name(encoder: str) -> None:
     base = encoder.split(".")[0]
     if timm.is_model(base):
         return
-    close = difflib.get_close_matches(base, timm.list_models(), n=3)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"unknown timm encoder {encoder!r}{hint}")
+    raise ValueError(f"unknown timm encoder {encoder!r}{did_you_mean(base, timm.list_models())}")
 
 
 class TimmEncoder(nn.Module):

@@ -1,7 +1,6 @@
 """One registry of architectures and the one constructor, :func:`build_model`."""
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from ..choices import check_choice, check_options
 from .segmenter import SegmentationModel
 
 Builder = Callable[..., tuple[nn.Module, nn.Module]]
@@ -45,10 +45,7 @@ def arch_options(arch: str) -> dict[str, Any]:
 
 
 def get_arch(arch: str) -> Arch:
-    if arch not in _ARCHS:
-        close = difflib.get_close_matches(str(arch), _ARCHS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown arch {arch!r} (known: {', '.join(list_archs())}){hint}")
+    check_choice("arch", arch, list_archs())
     return _ARCHS[arch]
 
 
@@ -75,12 +72,7 @@ def build_model(
         **options: architecture options, e.g. ``decoder_channels``; see :func:`arch_options`.
     """
     spec = get_arch(arch)
-    valid = arch_options(arch)
-    for key in options:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (valid: {', '.join(valid) or 'none'})"
-            raise ValueError(f"unknown option {key!r} for arch {arch!r}{hint}")
+    check_options(f"arch {arch!r}", options, arch_options(arch))
     if not isinstance(decoder_width, int) or isinstance(decoder_width, bool) or decoder_width < 1:
         raise ValueError(f"decoder_width must be a positive integer (the paper uses 1, 2, 3); got {decoder_width!r}")
     encoder = encoder or spec.default_encoder
