@@ -23,6 +23,37 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_key_values(items: Sequence[str]) -> dict:
+    """``["num_classes=5", "img_dir=imgs"]`` -> ``{"num_classes": 5, "img_dir": "imgs"}`` (YAML values)."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    """Write seeded, nested label-fraction split files for a dataset's training images."""
+    from .data import build_dataset
+    from .data.splits import split_hash, write_splits
+
+    dataset = build_dataset(args.dataset, args.root, split=args.split, **parse_key_values(args.option))
+    for path, pairs in write_splits(args.dataset, dataset.pairs, args.fractions.split(","), args.seeds, args.out):
+        print(f"{path}  {len(pairs)} of {len(dataset)} images  hash {split_hash(pairs)}")
+    return 0
+
+
+def comma_ints(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddep", description="Decoder Denoising Pretraining for label-efficient semantic segmentation."
@@ -31,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     models = commands.add_parser("models", help="list architectures, their options and offline encoder weights")
     models.set_defaults(run=cmd_models)
+    splits = commands.add_parser("splits", help="write label-fraction split files (nested, seeded)")
+    splits.add_argument("--dataset", required=True, help="cityscapes, ade20k, pascal_context or folder")
+    splits.add_argument("--root", required=True, help="the dataset root folder")
+    splits.add_argument("--fractions", required=True, help="comma-separated: fractions (1/30, 0.05) or image counts (100)")
+    splits.add_argument("--seeds", type=comma_ints, default=[0], help="comma-separated seeds (default: 0)")
+    splits.add_argument("--out", default="splits", help="output folder (default: splits)")
+    splits.add_argument("--split", default="train", help="the split to draw from (default: train)")
+    splits.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="dataset option, e.g. -o num_classes=5 for a folder dataset")
+    splits.set_defaults(run=cmd_splits)
     return parser
 
 

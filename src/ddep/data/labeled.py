@@ -1,0 +1,265 @@
+"""Labeled segmentation datasets: Cityscapes, ADE20K, Pascal Context 59 and a user's folders.
+
+Each dataset is a list of (image, mask) file pairs under a root, in the layouts that
+mmsegmentation expects, plus how to turn a mask file into class ids (ignore = 255). Items are
+dicts: ``image`` (float tensor 3 x H x W), ``mask`` (int64 tensor H x W) and ``name`` (the image
+path relative to the root), after ``transform`` (default: :class:`~ddep.data.transforms.ToTensor`).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_TO_TRAIN_ID, PASCAL_CONTEXT_59_CLASSES
+from .io import IMAGE_EXTENSIONS, DataError, read_image, read_mask
+from .transforms import IGNORE_INDEX, ToTensor, Transform
+
+Pair = tuple[str, str]  # (image, mask) paths relative to the dataset root
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def label_lut(id_map: dict[int, int] | None = None, reduce_zero_label: bool = False) -> np.ndarray:
+    """A 256-entry lookup table from stored mask values to class ids.
+
+    ``id_map`` sends listed values to ids and every other value to 255 (Cityscapes labelIds);
+    ``reduce_zero_label`` sends 0 to 255 and k to k - 1, keeping 255 (ADE20K, Pascal Context).
+    """
+    lut = np.arange(256, dtype=np.int64)
+    if id_map is not None:
+        lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
+        for source, target in id_map.items():
+            lut[source] = target
+    if reduce_zero_label:
+        lut = np.where(lut == 0, IGNORE_INDEX, np.where(lut == IGNORE_INDEX, IGNORE_INDEX, lut - 1))
+    return lut
+
+
+def read_split_file(split_file: str | os.PathLike, root: Path) -> list[Pair]:
+    """Pairs from a split file, one ``image mask`` per line relative to ``root``; every path must
+    exist and stay inside ``root``."""
+    pairs = []
+    real_root = root.resolve()
+    lines = Path(split_file).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise DataError(f"{split_file}:{number}: expected 'image_path label_path', got {line.strip()!r}")
+        for field in fields:
+            full = (root / field).resolve()
+            if Path(field).is_absolute() or not full.is_relative_to(real_root):
+                raise DataError(f"{split_file}:{number}: {field} is outside the dataset root {root}")
+            if not full.is_file():
+                raise DataError(f"{split_file}:{number}: {root / field} not found")
+        pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise DataError(f"{split_file}: no image/label pairs")
+    return pairs
+
+
+class SegmentationDataset(Dataset):
+    """(image, mask) pairs under ``root``, with masks mapped to class ids by ``lut``."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        pairs: Sequence[Pair],
+        classes: Sequence[str],
+        transform: Transform | None = None,
+        lut: np.ndarray | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not pairs:
+            raise DataError(f"no image/mask pairs found under {self.root}")
+        self.pairs = list(pairs)
+        self.classes = tuple(classes)
+        self.num_classes = len(self.classes)
+        self.transform = transform or ToTensor()
+        self.lut = label_lut() if lut is None else lut
+        self.palette = palette
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load_mask(self, path: Path) -> np.ndarray:
+        """Class ids of one mask file (0..K-1 and 255); subclasses change how values map."""
+        raw = read_mask(path, self.palette)
+        if raw.max(initial=0) >= len(self.lut):
+            big = np.unique(raw[raw >= len(self.lut)])[:5].tolist()
+            raise DataError(f"{path}: label values {big} above 255")
+        return self.lut[raw]
+
+    def check_labels(self, mask: np.ndarray, path: Path) -> None:
+        if mask.max(initial=0) < self.num_classes:
+            return
+        bad = np.unique(mask[(mask >= self.num_classes) & (mask != IGNORE_INDEX)])
+        if bad.size:
+            shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if bad.size > 10 else "")
+            raise DataError(
+                f"{path}: label values {shown} outside 0..{self.num_classes - 1} and {IGNORE_INDEX} (after id mapping)"
+            )
+
+    def __getitem__(self, index: int) -> dict:
+        image_rel, mask_rel = self.pairs[index]
+        image = read_image(self.root / image_rel)
+        mask = self.load_mask(self.root / mask_rel)
+        if mask.shape != (image.height, image.width):
+            raise DataError(
+                f"{self.root / mask_rel}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
+                f"{self.root / image_rel} is {image.width}x{image.height}"
+            )
+        self.check_labels(mask, self.root / mask_rel)
+        sample = {"image": image, "mask": Image.fromarray(mask.astype(np.uint8)), "name": image_rel}
+        return self.transform(sample)
+
+
+class Cityscapes(SegmentationDataset):
+    """``leftImg8bit/{split}/<city>/*_leftImg8bit.png`` with ``gtFine/{split}/<city>/*_gtFine_labelTrainIds.png``;
+    where only ``*_gtFine_labelIds.png`` exists it is mapped with the official table (19 classes)."""
+
+    LABEL_IDS_LUT = label_lut(CITYSCAPES_LABEL_TO_TRAIN_ID)
+
+    def __init__(self, root, split="train", transform=None, split_file=None) -> None:
+        root = require_dir(Path(root), "Cityscapes root")
+        pairs = read_split_file(split_file, root) if split_file else self.list_pairs(root, split)
+        super().__init__(root, pairs, CITYSCAPES_CLASSES, transform)
+
+    @staticmethod
+    def list_pairs(root: Path, split: str) -> list[Pair]:
+        image_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes image folder")
+        pairs = []
+        for image in sorted(image_dir.glob("*/*_leftImg8bit.png")):
+            stem = image.name.removesuffix("_leftImg8bit.png")
+            gt = root / "gtFine" / split / image.parent.name
+            train_ids, label_ids = gt / f"{stem}_gtFine_labelTrainIds.png", gt / f"{stem}_gtFine_labelIds.png"
+            mask = train_ids if train_ids.is_file() else label_ids
+            if not mask.is_file():
+                raise DataError(f"{image}: no mask (expected {train_ids} or {label_ids})")
+            pairs.append((str(image.relative_to(root)), str(mask.relative_to(root))))
+        return pairs
+
+    def load_mask(self, path: Path) -> np.ndarray:
+        if path.name.endswith("_labelIds.png"):
+            return self.LABEL_IDS_LUT[read_mask(path)]
+        return super().load_mask(path)
+
+
+def _find_layout_root(root: Path, folder: str, what: str) -> Path:
+    """Accept either the dataset folder itself or its parent (``data/ADEChallengeData2016`` or ``data``)."""
+    root = require_dir(root, f"{what} root")
+    return root / folder if (root / folder).is_dir() else root
+
+
+def _pairs_by_stem(image_dir: Path, mask_dir: Path, root: Path, image_suffixes: Sequence[str], mask_suffix: str = ".png") -> list[Pair]:
+    """Pair every image under ``image_dir`` with the mask of the same relative path and stem."""
+    require_dir(image_dir, "image folder")
+    require_dir(mask_dir, "mask folder")
+    pairs = []
+    for image in sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in image_suffixes):
+        mask = (mask_dir / image.relative_to(image_dir)).with_suffix(mask_suffix)
+        if not mask.is_file():
+            raise DataError(f"{image}: no mask (expected {mask})")
+        pairs.append((str(image.relative_to(root)), str(mask.relative_to(root))))
+    return pairs
+
+
+class ADE20K(SegmentationDataset):
+    """``ADEChallengeData2016/images/{training,validation}/*.jpg`` with ``annotations/<split>/*.png``;
+    150 classes, reduce-zero-label (0 -> 255, k -> k - 1)."""
+
+    SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
+
+    def __init__(self, root, split="train", transform=None, split_file=None) -> None:
+        root = _find_layout_root(Path(root), "ADEChallengeData2016", "ADE20K")
+        if split_file:
+            pairs = read_split_file(split_file, root)
+        else:
+            if split not in self.SPLITS:
+                raise DataError(f"ADE20K split must be one of {sorted(self.SPLITS)}; got {split!r}")
+            folder = self.SPLITS[split]
+            pairs = _pairs_by_stem(root / "images" / folder, root / "annotations" / folder, root, (".jpg", ".jpeg"))
+        super().__init__(root, pairs, ADE20K_CLASSES, transform, lut=label_lut(reduce_zero_label=True))
+
+
+class PascalContext59(SegmentationDataset):
+    """``VOC2010/JPEGImages/*.jpg`` and ``SegmentationClassContext/*.png`` listed by
+    ``ImageSets/SegmentationContext/{train,val}.txt``; 59 classes, reduce-zero-label."""
+
+    def __init__(self, root, split="train", transform=None, split_file=None) -> None:
+        root = _find_layout_root(Path(root), "VOC2010", "Pascal Context")
+        if split_file:
+            pairs = read_split_file(split_file, root)
+        else:
+            listing = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
+            if not listing.is_file():
+                raise DataError(f"Pascal Context split list not found: {listing}")
+            pairs = []
+            for name in listing.read_text().split():
+                image, mask = f"JPEGImages/{name}.jpg", f"SegmentationClassContext/{name}.png"
+                for path in (image, mask):
+                    if not (root / path).is_file():
+                        raise DataError(f"{listing}: {name}: {root / path} not found")
+                pairs.append((image, mask))
+        super().__init__(root, pairs, PASCAL_CONTEXT_59_CLASSES, transform, lut=label_lut(reduce_zero_label=True))
+
+
+class FolderDataset(SegmentationDataset):
+    """A user's own data: ``<root>/<img_dir>`` and ``<root>/<ann_dir>`` matched by relative path
+    and stem (masks are PNG). When ``<img_dir>/<split>`` exists, that subfolder is the split.
+
+    Give ``num_classes`` or ``classes_file`` (one class name per line). Masks hold class ids; with
+    ``reduce_zero_label`` 0 is ignored and k becomes k - 1; with ``palette`` (one RGB colour per
+    class) RGB masks are mapped to ids.
+    """
+
+    def __init__(
+        self,
+        root,
+        split="train",
+        transform=None,
+        split_file=None,
+        img_dir: str = "images",
+        ann_dir: str = "masks",
+        num_classes: int | None = None,
+        classes_file: str | os.PathLike | None = None,
+        reduce_zero_label: bool = False,
+        palette: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        root = require_dir(Path(root), "dataset root")
+        classes = self.read_classes(num_classes, classes_file)
+        if split_file:
+            pairs = read_split_file(split_file, root)
+        else:
+            image_dir, mask_dir = root / img_dir, root / ann_dir
+            if (image_dir / split).is_dir():
+                image_dir, mask_dir = image_dir / split, mask_dir / split
+            pairs = _pairs_by_stem(image_dir, mask_dir, root, IMAGE_EXTENSIONS)
+        super().__init__(root, pairs, classes, transform, lut=label_lut(reduce_zero_label=reduce_zero_label), palette=palette)
+
+    @staticmethod
+    def read_classes(num_classes: int | None, classes_file: str | os.PathLike | None) -> tuple[str, ...]:
+        if classes_file is not None:
+            path = Path(classes_file)
+            if not path.is_file():
+                raise DataError(f"classes_file not found: {path}")
+            names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+            if not names:
+                raise DataError(f"{path}: no class names (expected one per line)")
+            if num_classes is not None and num_classes != len(names):
+                raise DataError(f"{path}: {len(names)} class names but num_classes={num_classes}")
+            return names
+        if not isinstance(num_classes, int) or not 1 <= num_classes <= IGNORE_INDEX:
+            raise DataError(f"folder dataset needs num_classes (1..255) or classes_file; got num_classes={num_classes!r}")
+        return tuple(f"class_{i}" for i in range(num_classes))

@@ -1,0 +1,96 @@
+"""Label-fraction splits: which training images keep their labels.
+
+A split file has one ``image_path label_path`` pair per line, relative to the dataset root (the
+format of semi-supervised segmentation code, e.g. ``splits/cityscapes/1_30/seed0/labeled.txt``).
+For a seed, the training pairs are shuffled once and every amount takes a prefix of that order,
+so a smaller fraction's images are a subset of a larger one's. A fraction f keeps ceil(f * N)
+images (1/30 of Cityscapes' 2975 is 100, as in the literature); a plain integer is a count.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .io import DataError
+
+
+def parse_amount(text: str) -> Fraction | int:
+    """``"1/30"`` or ``"0.05"`` -> a fraction in (0, 1]; ``"100"`` -> a count of images."""
+    text = str(text).strip()
+    try:
+        if "/" in text or "." in text:
+            value = Fraction(text)
+            if not 0 < value <= 1:
+                raise ValueError
+            return value
+        count = int(text)
+        if count < 1:
+            raise ValueError
+        return count
+    except (ValueError, ZeroDivisionError):
+        raise DataError(f"label amount {text!r} must be a fraction in (0, 1] such as 1/30 or 0.05, or a count >= 1") from None
+
+
+def amount_name(text: str) -> str:
+    """Folder name of an amount: ``1/30`` -> ``1_30``, ``0.05`` -> ``0.05``, ``100`` -> ``100``."""
+    parse_amount(text)
+    return str(text).strip().replace("/", "_")
+
+
+def num_selected(amount: Fraction | int, total: int) -> int:
+    if isinstance(amount, Fraction):
+        return max(1, math.ceil(amount * total))
+    if amount > total:
+        raise DataError(f"asked for {amount} labeled images but the dataset has {total}")
+    return amount
+
+
+def select_indices(total: int, amount: Fraction | int, seed: int) -> list[int]:
+    """The first ``amount`` of a seeded permutation of ``range(total)``, in permutation order."""
+    order = np.random.default_rng(seed).permutation(total)
+    return order[: num_selected(amount, total)].tolist()
+
+
+def split_lines(pairs: Sequence[tuple[str, str]]) -> str:
+    return "".join(f"{image} {label}\n" for image, label in pairs)
+
+
+def split_hash(pairs: Sequence[tuple[str, str]]) -> str:
+    """A short content hash of a split, recorded with every result."""
+    return hashlib.sha256(split_lines(pairs).encode()).hexdigest()[:16]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_splits(
+    dataset: str,
+    pairs: Sequence[tuple[str, str]],
+    amounts: Sequence[str],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+) -> list[tuple[Path, list[tuple[str, str]]]]:
+    """Write ``<out>/<dataset>/<amount>/seed<k>/labeled.txt`` (and ``unlabeled.txt``, the rest);
+    return each labeled file with its pairs."""
+    parsed = [(amount_name(a), parse_amount(a)) for a in amounts]
+    written = []
+    for seed in seeds:
+        for name, amount in parsed:
+            chosen = select_indices(len(pairs), amount, seed)
+            chosen_set = set(chosen)
+            labeled = [pairs[i] for i in chosen]
+            folder = Path(out) / dataset / name / f"seed{seed}"
+            write_text_atomic(folder / "labeled.txt", split_lines(labeled))
+            write_text_atomic(folder / "unlabeled.txt", split_lines([p for i, p in enumerate(pairs) if i not in chosen_set]))
+            written.append((folder / "labeled.txt", labeled))
+    return written

@@ -1,0 +1,107 @@
+"""Unlabeled images for denoising pretraining: any folder tree, at ImageNet scale.
+
+Listing a million files takes a while on network storage, so the sorted list is cached in a text
+file (``<cache_dir>/<hash of the root>.txt``, default ``~/.cache/ddep/file-lists``). The cache is
+reused while the modification times of the root and its direct sub-folders are unchanged (which
+catches files added to or removed from an ImageNet-style tree); ``refresh=True`` forces a new
+listing, for changes deeper down. Large JPEGs are decoded at a reduced scale (``Image.draft``) when
+``min_size`` says how large they need to be. A file that cannot be read is skipped with a
+warning and counted (``skipped``): one bad file in a million must not stop a pretraining run.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .io import IMAGE_EXTENSIONS, DataError, read_image
+from .labeled import require_dir
+from .transforms import ToTensor, Transform
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddep" / "file-lists"
+
+
+def list_images(root: Path) -> list[str]:
+    """Image files under ``root`` (recursive, sorted), relative to it; os.scandir keeps it fast."""
+    found, stack = [], [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(Path(entry.path))
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(os.path.relpath(entry.path, root))
+    return sorted(found)
+
+
+def tree_fingerprint(root: Path) -> str:
+    """A hash of the modification times of ``root`` and its direct sub-folders."""
+    stamps = [f"{root.stat().st_mtime_ns}"]
+    with os.scandir(root) as entries:
+        stamps += sorted(f"{e.name}:{e.stat().st_mtime_ns}" for e in entries if e.is_dir(follow_symlinks=True))
+    return hashlib.sha1("\n".join(stamps).encode()).hexdigest()
+
+
+def cached_image_list(root: Path, cache_dir: Path | None = None, refresh: bool = False) -> list[str]:
+    """:func:`list_images`, stored in and reused from a cache file (written atomically)."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache_dir / f"{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]}.txt"
+    header = f"# ddep image list of {root.resolve()} fingerprint {tree_fingerprint(root)}"
+    if cache.is_file() and not refresh:
+        lines = cache.read_text().splitlines()
+        if lines and lines[0] == header:
+            return lines[1:]
+    files = list_images(root)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("\n".join([header, *files]))
+        tmp.replace(cache)
+    except OSError as e:  # a read-only home must not stop training
+        log.warning("could not cache the image list of %s in %s: %s", root, cache_dir, e)
+    return files
+
+
+class UnlabeledImages(Dataset):
+    """Images under ``root`` (or the given relative ``files``); items are ``{"image", "name"}``."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Transform | None = None,
+        files: Sequence[str] | None = None,
+        min_size: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        refresh: bool = False,
+    ) -> None:
+        self.root = require_dir(Path(root), "image folder")
+        self.files = list(files) if files is not None else cached_image_list(self.root, cache_dir, refresh)
+        if not self.files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+        self.transform = transform or ToTensor()
+        self.min_size = min_size
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.files)):
+            name = self.files[(index + attempt) % len(self.files)]
+            try:
+                image = read_image(self.root / name, self.min_size)
+            except DataError as e:
+                self.skipped += 1
+                log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped, e)
+                continue
+            return self.transform({"image": image, "name": name})
+        raise DataError(f"no readable image under {self.root}")
