@@ -60,3 +60,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     fake_data.cityscapes(tmp_path / "cs")
     assert main(["splits", "--dataset", "cityscapes", "--root", str(tmp_path / "cs"), "--fractions", "3/2"]) == 1
     assert "label amount '3/2' must be a fraction" in capsys.readouterr().err
+
+
+def test_labeled_subset_matches_the_written_split(tmp_path):
+    from ddep.data.splits import labeled_subset, write_splits
+
+    fake_data.cityscapes(tmp_path / "cs", cities={"aachen": 7})
+    full = build_dataset("cityscapes", tmp_path / "cs")
+    subset = labeled_subset(full, "3", seed=2)
+    (path, pairs), = write_splits("cityscapes", full.pairs, ["3"], [2], tmp_path / "splits")
+    assert subset.pairs == pairs and len(subset) == 3 and len(full) == 7
+    assert subset[0]["name"] == pairs[0][0]
+    assert labeled_subset(full, "1/2", seed=2).pairs[:3] == pairs  # nested

@@ -94,3 +94,15 @@ def write_splits(
             write_text_atomic(folder / "unlabeled.txt", split_lines([p for i, p in enumerate(pairs) if i not in chosen_set]))
             written.append((folder / "labeled.txt", labeled))
     return written
+
+
+def labeled_subset(dataset, amount: str | int | Fraction, seed: int = 0):
+    """A copy of a labeled dataset that keeps ``amount`` of its pairs (a fraction such as "1/8",
+    or a count), chosen as :func:`write_splits` would choose them for ``seed``."""
+    import copy
+
+    if not isinstance(amount, Fraction):
+        amount = parse_amount(str(amount))
+    subset = copy.copy(dataset)
+    subset.pairs = [dataset.pairs[i] for i in select_indices(len(dataset.pairs), amount, seed)]
+    return subset
