@@ -1,0 +1,322 @@
+"""Evaluation-time inference: whole image, sliding window, flip and multi-scale, Cityscapes halves.
+
+Reported segmentation numbers depend on how the prediction is made as much as on the model, so
+these follow the field's protocols (mmsegmentation's ``whole``/``slide`` inference and its
+test-time augmentation) and the DDeP paper's: Cityscapes evaluates each 1024x1024 half of the
+1024x2048 image with flip averaging; ADE20K and Pascal Context average flips and the scales
+(0.5, 0.75, 1.0, 1.25, 1.5, 1.75).
+
+Every function takes a ``model`` mapping normalised images B x 3 x H x W to logits B x K x H x W
+(at the input's resolution) and returns softmax probabilities B x K x H x W at the image's
+resolution. Augmented passes are combined by averaging probabilities, as mmsegmentation's TTA
+does. Gradients are off inside; putting the model in eval mode is the caller's job.
+
+Zero padding (right and bottom) is used wherever a model needs a bigger or better-divisible
+input than it gets (TransUNet takes only sides that are multiples of 16): the input is already
+normalised, so zero is the dataset's mean colour, as in mmsegmentation's data preprocessor. The
+padded part of the output is cropped away before it is used.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .choices import check_choice
+
+__all__ = [
+    "MODES",
+    "TTA_SCALES",
+    "describe_mode",
+    "predict",
+    "predict_cityscapes_halves",
+    "predict_slide",
+    "predict_tta",
+    "predict_whole",
+    "slide_windows",
+]
+
+MODES = ("whole", "slide", "cityscapes-halves")
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's ADE20K / Pascal Context scales
+
+
+# --------------------------------------------------------------------------- checks and helpers
+
+def _pair(name: str, value: int | Sequence[int] | None) -> tuple[int, int]:
+    """``(h, w)`` from an int or a pair of positive ints, with a clear error otherwise."""
+    if value is None:
+        raise ValueError(f"{name} is required for slide inference")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        h, w = value  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair (h, w) of positive ints; got {value!r}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w)):
+        raise ValueError(f"{name} must be an int or a pair (h, w) of positive ints; got {value!r}")
+    return h, w
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or not image.is_floating_point():
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be a float tensor B x C x H x W; got {shape}")
+
+
+def _check_size_divisor(size_divisor: int | None) -> None:
+    if size_divisor is not None and (
+        not isinstance(size_divisor, int) or isinstance(size_divisor, bool) or size_divisor < 1
+    ):
+        raise ValueError(f"size_divisor must be a positive int or None; got {size_divisor!r}")
+
+
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in scales)
+    except (TypeError, ValueError):
+        raise ValueError(f"scales must be a sequence of positive numbers; got {scales!r}") from None
+    if not scales or not all(s > 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers; got {scales!r}")
+    return scales
+
+
+def _logits(model: nn.Module, x: torch.Tensor, pad_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """Float logits for ``x``, zero-padding it to at least ``pad_to`` first and cropping back."""
+    h, w = x.shape[-2:]
+    if pad_to is not None and (pad_to[0] > h or pad_to[1] > w):
+        x = F.pad(x, (0, max(pad_to[1] - w, 0), 0, max(pad_to[0] - h, 0)))
+    logits = model(x)
+    if (
+        not isinstance(logits, torch.Tensor)
+        or logits.dim() != 4
+        or logits.shape[0] != x.shape[0]
+        or logits.shape[-2:] != x.shape[-2:]
+    ):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"the model must return logits B x K x H x W at its input's resolution; "
+            f"got {shape} for an input of shape {tuple(x.shape)}"
+        )
+    return logits[..., :h, :w].float()
+
+
+def _softmax(model: nn.Module, x: torch.Tensor, pad_to: tuple[int, int] | None = None) -> torch.Tensor:
+    return _logits(model, x, pad_to).softmax(dim=1)
+
+
+def _divisible(size: tuple[int, int], size_divisor: int | None) -> tuple[int, int] | None:
+    """The size rounded up to multiples of ``size_divisor`` (None when no padding is needed)."""
+    if size_divisor is None:
+        return None
+    return tuple(-(-s // size_divisor) * size_divisor for s in size)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- single-pass modes
+
+@torch.no_grad()
+def predict_whole(model: nn.Module, image: torch.Tensor, size_divisor: int | None = None) -> torch.Tensor:
+    """One forward pass on the whole image; softmax probabilities B x K x H x W.
+
+    ``size_divisor`` (e.g. 16 for TransUNet) zero-pads the image up to multiples of it and crops
+    the output back, so that any image size works.
+    """
+    _check_image(image)
+    _check_size_divisor(size_divisor)
+    return _softmax(model, image, _divisible(tuple(image.shape[-2:]), size_divisor))
+
+
+def slide_windows(
+    height: int, width: int, crop_size: int | Sequence[int], stride: int | Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """The ``(y1, y2, x1, x2)`` windows of mmsegmentation's ``slide_inference``, row by row.
+
+    ``ceil((H - h_crop) / h_stride) + 1`` rows of windows (one when the image is smaller than the
+    crop), starting every ``stride`` pixels; the last row and column are shifted back to end at
+    the image's edge, so every window is a full crop unless the image is smaller than the crop.
+    """
+    h_crop, w_crop = _pair("crop_size", crop_size)
+    h_stride, w_stride = _pair("stride", stride)
+    if h_stride > h_crop or w_stride > w_crop:
+        raise ValueError(f"stride {(h_stride, w_stride)} larger than crop_size {(h_crop, w_crop)} would leave gaps")
+    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
+    windows = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2 = min(h_idx * h_stride + h_crop, height)
+            x2 = min(w_idx * w_stride + w_crop, width)
+            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return windows
+
+
+@torch.no_grad()
+def predict_slide(
+    model: nn.Module,
+    image: torch.Tensor,
+    crop_size: int | Sequence[int],
+    stride: int | Sequence[int],
+) -> torch.Tensor:
+    """Sliding-window inference on mmsegmentation's window grid; probabilities B x K x H x W.
+
+    As in mmsegmentation, each window's logits are added where they lie and divided by the number
+    of windows covering each pixel, and the softmax is taken of that average. A window smaller than ``crop_size`` (only when the image itself is smaller) is
+    zero-padded to the crop size, so a model that needs fixed or divisible sizes takes any image.
+    The sums live on the image's device.
+    """
+    _check_image(image)
+    crop = _pair("crop_size", crop_size)
+    height, width = image.shape[-2:]
+    logits: torch.Tensor | None = None
+    count = torch.zeros(1, 1, height, width, device=image.device)
+    for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
+        window = _logits(model, image[:, :, y1:y2, x1:x2], crop)
+        if logits is None:
+            logits = window.new_zeros(image.shape[0], window.shape[1], height, width)
+        logits[:, :, y1:y2, x1:x2] += window
+        count[:, :, y1:y2, x1:x2] += 1
+    assert logits is not None  # the grid always has a window, and (stride <= crop) covers every pixel
+    return (logits / count).softmax(dim=1)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+@torch.no_grad()
+def predict_tta(
+    model: nn.Module,
+    image: torch.Tensor,
+    scales: Sequence[float] = TTA_SCALES,
+    flip: bool = True,
+    mode: str = "whole",
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    size_divisor: int | None = None,
+) -> torch.Tensor:
+    """Multi-scale and flip test-time augmentation; the mean of every pass's probabilities.
+
+    For each scale the image is resized (bilinear, ``align_corners=False``) to
+    ``round(H * s) x round(W * s)`` and predicted with ``mode`` (``whole`` or ``slide``), and
+    also mirrored left-right when ``flip`` (the output is mirrored back). Each pass's
+    probabilities are resized back to H x W (bilinear) and all passes are averaged.
+    ``size_divisor`` applies to ``whole`` mode (padding, see :func:`predict_whole`); in ``slide``
+    mode windows are already padded to ``crop_size``, which must then be divisible by it.
+    """
+    _check_image(image)
+    check_choice("TTA inference mode", mode, ("whole", "slide"))
+    scales = _check_scales(scales)
+    _check_size_divisor(size_divisor)
+    if mode == "slide":
+        crop, _ = _pair("crop_size", crop_size), _pair("stride", stride)
+        if size_divisor is not None and (crop[0] % size_divisor or crop[1] % size_divisor):
+            raise ValueError(f"crop_size {crop} must be divisible by size_divisor {size_divisor}")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if mode == "slide":
+            return predict_slide(model, x, crop_size, stride)  # type: ignore[arg-type]
+        return predict_whole(model, x, size_divisor)
+
+    height, width = image.shape[-2:]
+    total: torch.Tensor | None = None
+    passes = 0
+    for scale in scales:
+        size = (max(round(height * scale), 1), max(round(width * scale), 1))
+        x = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        outputs = [run(x)]
+        if flip:
+            outputs.append(run(x.flip(-1)).flip(-1))
+        for probs in outputs:
+            if probs.shape[-2:] != (height, width):
+                probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+            total = probs if total is None else total + probs
+            passes += 1
+    assert total is not None
+    return total / passes
+
+
+@torch.no_grad()
+def predict_cityscapes_halves(
+    model: nn.Module,
+    image: torch.Tensor,
+    flip: bool = True,
+    scales: Sequence[float] = (1.0,),
+    size_divisor: int | None = None,
+) -> torch.Tensor:
+    """The DDeP paper's Cityscapes protocol: predict the left and right halves separately.
+
+    A 1024x2048 image becomes two 1024x1024 inputs (the fine-tuning crop size), each predicted
+    whole, flip-averaged when ``flip`` (and over ``scales`` if given), then put side by side.
+    The width must be even.
+    """
+    _check_image(image)
+    width = image.shape[-1]
+    if width % 2:
+        raise ValueError(f"cityscapes-halves inference needs an even image width; got {width}")
+    half = width // 2
+    halves = [image[..., :half], image[..., half:]]
+    return torch.cat(
+        [predict_tta(model, x, scales=scales, flip=flip, mode="whole", size_divisor=size_divisor) for x in halves],
+        dim=-1,
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+def describe_mode(
+    mode: str = "whole",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    size_divisor: int | None = None,
+) -> dict[str, Any]:
+    """A JSON-serialisable record of the inference mode, for results files (validated as predict would).
+
+    ``crop_size`` and ``stride`` are recorded only in ``slide`` mode, the one that uses them.
+    """
+    check_choice("inference mode", mode, MODES)
+    scales = _check_scales(scales)
+    _check_size_divisor(size_divisor)
+    if mode == "slide":
+        crop_size, stride = _pair("crop_size", crop_size), _pair("stride", stride)
+        if size_divisor is not None and (crop_size[0] % size_divisor or crop_size[1] % size_divisor):
+            raise ValueError(f"crop_size {crop_size} must be divisible by size_divisor {size_divisor}")
+        slide_windows(1, 1, crop_size, stride)  # the same stride <= crop check as inference
+    else:
+        crop_size = stride = None  # unused outside slide mode, so not recorded as if they were
+    return {
+        "mode": mode,
+        "scales": list(scales),
+        "flip": bool(flip),
+        "crop_size": list(crop_size) if crop_size is not None else None,
+        "stride": list(stride) if stride is not None else None,
+        "size_divisor": size_divisor,
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    image: torch.Tensor,
+    mode: str = "whole",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crop_size: int | Sequence[int] | None = None,
+    stride: int | Sequence[int] | None = None,
+    size_divisor: int | None = None,
+) -> torch.Tensor:
+    """Probabilities B x K x H x W with the named mode: ``whole``, ``slide`` or ``cityscapes-halves``.
+
+    Scales other than ``(1.0,)`` or ``flip`` go through :func:`predict_tta` (per half in
+    ``cityscapes-halves``). ``describe_mode`` with the same arguments records what was done.
+    """
+    desc = describe_mode(mode, scales, flip, crop_size, stride, size_divisor)
+    scales = tuple(desc["scales"])
+    if mode == "cityscapes-halves":
+        return predict_cityscapes_halves(model, image, flip=flip, scales=scales, size_divisor=size_divisor)
+    if scales != (1.0,) or flip:
+        return predict_tta(model, image, scales, flip, mode, crop_size, stride, size_divisor)
+    if mode == "slide":
+        return predict_slide(model, image, crop_size, stride)  # type: ignore[arg-type]
+    return predict_whole(model, image, size_divisor)
