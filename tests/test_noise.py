@@ -125,3 +125,14 @@ def test_to_model_input_maps_range_and_scales_sigma():
     assert step[0, 0, 0, 0].item() == pytest.approx(0.22 / (2 * 0.229))
     # With mean = std = 0.5 (the paper's ViT), [-1, 1] is already the model's space.
     assert torch.allclose(to_model_input(x, (0.5,) * 3, (0.5,) * 3), x)
+
+
+@pytest.mark.parametrize("noise_type", ["scaled", "simple"])
+def test_estimate_clean_inverts_the_corruption(noise_type):
+    from ddep.noise import estimate_clean
+
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    gamma = sample_gamma(4, "uniform", generator=gen(1))
+    x_noisy, eps = corrupt(x, noise_type, generator=gen(2), gamma=gamma)
+    assert torch.allclose(estimate_clean(x_noisy, eps, gamma, noise_type), x, atol=1e-5)  # a perfect noise prediction
+    assert torch.equal(estimate_clean(x_noisy, x, gamma, noise_type, target="image"), x)

@@ -54,6 +54,43 @@ def comma_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """pretrain, finetune, evaluate, predict, export: a config file plus key=value overrides."""
+    from .config import load_config
+
+    config = load_config(args.command, args.config, args.overrides)
+    if args.command == "pretrain":
+        from .engine.pretrain import pretrain
+
+        pretrain(config, resume=args.resume)
+    elif args.command == "finetune":
+        from .engine.finetune import finetune
+
+        finetune(config, resume=args.resume)
+    elif args.command == "evaluate":
+        from .engine.evaluate import evaluate
+
+        evaluate(config)
+    elif args.command == "predict":
+        from .engine.predict import predict_folder
+
+        predict_folder(config)
+    else:
+        from .engine.export import export
+
+        export(config)
+    return 0
+
+
+RUN_COMMANDS = {
+    "pretrain": "denoising pretraining of the decoder (DDeP) or the whole model (DeP)",
+    "finetune": "fine-tune on labeled images from a pretraining checkpoint, an encoder, or scratch",
+    "evaluate": "mIoU of a checkpoint on a labeled split (whole, slide, flip and multi-scale)",
+    "predict": "class-id masks and colour overlays for a folder of images",
+    "export": "a checkpoint as safetensors + JSON config (optionally ONNX)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddep", description="Decoder Denoising Pretraining for label-efficient semantic segmentation."
@@ -72,10 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     splits.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                         help="dataset option, e.g. -o num_classes=5 for a folder dataset")
     splits.set_defaults(run=cmd_splits)
+    for name, help_text in RUN_COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, description=help_text + ". Settings: --config FILE.yaml, then KEY=VALUE overrides (dotted keys, e.g. optim.lr=1e-4).")
+        command.add_argument("--config", help="a YAML config file (see configs/)")
+        if name in ("pretrain", "finetune"):
+            command.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/last.pt")
+        command.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=data/cityscapes")
+        command.set_defaults(run=cmd_run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
@@ -83,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         print(f"ddep {args.command}: error: {e}", file=sys.stderr)
         return 1
 

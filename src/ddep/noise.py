@@ -69,11 +69,13 @@ def corrupt(
     noise_level: str = "fixed",
     noise_std_range: tuple[float, float] = (0.2, 0.3),
     gamma_min: float = 0.0,
+    gamma: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add Gaussian noise to a batch ``x`` (B x C x H x W, values in [-1, 1]).
 
     Returns ``(x_noisy, target)``: the target is the noise eps for ``target="noise"`` and the clean
-    ``x`` for ``target="image"``. Pass a ``generator`` (on ``x``'s device) for reproducible noise.
+    ``x`` for ``target="image"``. Pass a ``generator`` (on ``x``'s device) for reproducible noise,
+    and ``gamma`` (B,) to use levels drawn beforehand with :func:`sample_gamma`.
     """
     check_choice("noise_type", noise_type, NOISE_TYPES)
     check_choice("target", target, TARGETS)
@@ -81,16 +83,27 @@ def corrupt(
         raise ValueError(f"corrupt expects a batch B x C x H x W; got shape {tuple(x.shape)}")
     if noise_type == "simple" and noise_level == "ddpm":
         raise ValueError("noise_level='ddpm' reaches gamma = 0 (infinite sigma): use noise_type='scaled'")
-    gamma = sample_gamma(
-        x.shape[0], noise_level, noise_std, noise_std_range, gamma_min, generator, x.device
-    ).to(x.dtype)
-    gamma = gamma.view(-1, *([1] * (x.dim() - 1)))
+    if gamma is None:
+        gamma = sample_gamma(x.shape[0], noise_level, noise_std, noise_std_range, gamma_min, generator, x.device)
+    gamma = gamma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if noise_type == "scaled":
         x_noisy = gamma.sqrt() * x + (1 - gamma).sqrt() * eps
     else:
         x_noisy = x + ((1 - gamma) / gamma).sqrt() * eps
     return x_noisy, (eps if target == "noise" else x)
+
+
+def estimate_clean(
+    x_noisy: torch.Tensor, prediction: torch.Tensor, gamma: torch.Tensor, noise_type: str = "scaled", target: str = "noise"
+) -> torch.Tensor:
+    """The clean image implied by the decoder's prediction: the corruption solved for x."""
+    if target == "image":
+        return prediction
+    g = gamma.to(x_noisy.dtype).view(-1, *([1] * (x_noisy.dim() - 1)))
+    if noise_type == "scaled":
+        return (x_noisy - (1 - g).sqrt() * prediction) / g.sqrt()
+    return x_noisy - ((1 - g) / g).sqrt() * prediction
 
 
 def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str = "l2", huber_delta: float = 1.0) -> torch.Tensor:

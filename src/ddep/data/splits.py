@@ -16,6 +16,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from .io import DataError
 
@@ -96,13 +97,32 @@ def write_splits(
     return written
 
 
-def labeled_subset(dataset, amount: str | int | Fraction, seed: int = 0):
-    """A copy of a labeled dataset that keeps ``amount`` of its pairs (a fraction such as "1/8",
-    or a count), chosen as :func:`write_splits` would choose them for ``seed``."""
-    import copy
+class LabeledSubset(Dataset):
+    """The chosen items of a labeled dataset, keeping its ``classes``, ``pairs`` and ``transform``."""
 
+    def __init__(self, dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+        self.pairs = [dataset.pairs[i] for i in self.indices]
+        self.classes, self.num_classes = dataset.classes, dataset.num_classes
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value) -> None:
+        self.dataset.transform = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[self.indices[index]]
+
+
+def labeled_subset(dataset, amount: str | int | Fraction, seed: int = 0) -> LabeledSubset:
+    """``amount`` of a labeled dataset's items (a fraction such as "1/8", or a count), chosen as
+    :func:`write_splits` would choose them for ``seed``. The dataset needs ``pairs``."""
     if not isinstance(amount, Fraction):
         amount = parse_amount(str(amount))
-    subset = copy.copy(dataset)
-    subset.pairs = [dataset.pairs[i] for i in select_indices(len(dataset.pairs), amount, seed)]
-    return subset
+    return LabeledSubset(dataset, select_indices(len(dataset.pairs), amount, seed))

@@ -85,6 +85,6 @@ def build_model(
         decoder_width=decoder_width,
         mean=[float(v) for v in (mean if mean is not None else enc.mean)],
         std=[float(v) for v in (std if std is not None else enc.std)],
-        **options,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},  # plain JSON data
     )
     return SegmentationModel(enc, dec, classes, config)

@@ -1,0 +1,197 @@
+"""Run configuration: defaults per command, a YAML file, and dotted ``key=value`` overrides.
+
+Every key that a command understands appears in its defaults below, so an unknown key is an
+error that names the closest valid one. Values keep the type of their default (an int may stand
+for a float); keys whose default is None take any value, and ``*.options`` sections are passed
+as free-form keyword arguments to the model or dataset constructors, which check them.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COMMON: dict[str, Any] = {
+    "name": None,  # run folder name; default: the command
+    "out_dir": "runs",
+    "seed": 0,
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "model": {"arch": "unet", "encoder": "resnet50", "encoder_weights": None, "decoder_width": 1, "options": {}},
+}
+
+TRAIN: dict[str, Any] = {
+    "optim": {"name": "adam", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "momentum": 0.9,
+              "warmup_steps": 0, "min_lr_ratio": 0.0, "grad_accum": 1, "clip_grad_norm": None},
+    "steps": None,  # optimizer steps; when None, `epochs` decides
+    "epochs": 1,
+    "log_every": 10,
+    "checkpoint_every": 500,
+    "amp": "auto",  # auto (bf16 on GPU) | bf16 | fp16 | off
+    "channels_last": "auto",
+    "compile": False,
+    "deterministic": False,
+    "progress": True,
+}
+
+DATA: dict[str, Any] = {"dataset": None, "root": None, "split": "train", "options": {}, "batch_size": 8, "num_workers": 2}
+
+EVAL: dict[str, Any] = {"mode": "whole", "scales": [1.0], "flip": False, "crop_size": None, "stride": None, "size_divisor": None}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {
+        **COMMON, **TRAIN,
+        "mode": "decoder",  # decoder (DDeP: frozen encoder) | encoder+decoder (DeP)
+        "data": {**DATA, "dataset": "unlabeled", "crop_size": 224, "min_scale": 0.25, "batch_size": 64},
+        "noise": {"type": "scaled", "std": 0.22, "target": "noise", "level": "fixed", "std_range": [0.2, 0.3],
+                  "gamma_min": 0.0, "loss": "l2"},
+        "image_every": 500,
+    },
+    "finetune": {
+        **COMMON, **TRAIN,
+        "init": None,  # a pretraining checkpoint or exported model; None: encoder_weights + random decoder
+        "data": {**DATA, "dataset": "folder", "crop_size": 512, "ratio_range": [0.5, 2.0], "scale": None, "jitter": False,
+                 "labeled": None, "labeled_seed": 0, "val_split": "val", "val_batch_size": 1},
+        "eval": EVAL,
+        "eval_every": 500,
+    },
+    "evaluate": {
+        **COMMON,
+        "checkpoint": None,
+        "data": {**DATA, "dataset": "folder", "split": "val", "batch_size": 1},
+        "eval": EVAL,
+    },
+    "predict": {
+        "checkpoint": None, "input": None, "output": None, "device": "auto", "eval": EVAL,
+    },
+    "export": {"checkpoint": None, "output": None, "onnx": False, "onnx_size": [512, 512]},
+}
+# The paper's fine-tuning learning rates per decoder width (Adam, cosine decay).
+PAPER_FINETUNE_LR = {1: 6e-5, 2: 1e-4, 3: 6e-5}
+DEFAULTS["finetune"]["optim"] = {**TRAIN["optim"], "lr": None}  # None: PAPER_FINETUNE_LR[decoder_width]
+
+
+#: Types of keys whose default is None (None stays allowed).
+NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "steps": int, "init": str, "checkpoint": str, "model.encoder_weights": str, "input": str, "output": str,
+    "optim.lr": float, "optim.clip_grad_norm": float, "data.root": str, "data.labeled": (str, int, float), "data.scale": list,
+    "eval.crop_size": list, "eval.stride": list, "eval.size_divisor": int,
+}
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names it."""
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict) and key != "options":
+            keys += _flat_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    if value is None:
+        return value
+    if default is None:
+        expected = NULLABLE_TYPES.get(key)
+        if expected is None:
+            return value
+        default = expected() if isinstance(expected, type) else expected[0]()
+        if isinstance(expected, tuple):
+            if not isinstance(value, expected) or isinstance(value, bool):
+                names = " or ".join(t.__name__ for t in expected)
+                raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
+            return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{key} must be {type(default).__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def merge(config: dict, updates: dict, defaults: dict, prefix: str = "", root: dict | None = None) -> None:
+    """Merge ``updates`` into ``config`` in place, checking keys and types against ``defaults``
+    (``root``: the command's whole defaults, for suggestions across sections)."""
+    root = root or defaults
+    for key, value in updates.items():
+        full = prefix + key
+        if key not in defaults:
+            close = difflib.get_close_matches(full, _flat_keys(root), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        default = defaults[key]
+        if isinstance(default, dict) and key != "options":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a mapping, got {value!r}")
+            merge(config[key], value, default, f"{full}.", root)
+        elif key == "options":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a mapping, got {value!r}")
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = _check_type(full, value, default)
+
+
+def parse_override(text: str) -> dict:
+    """``"optim.lr=1e-4"`` -> ``{"optim": {"lr": 0.0001}}`` (the value is parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override must look like key=value, got {text!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)
+    tree: dict = {}
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def _looks_like_float(text: str) -> bool:
+    """YAML 1.1 reads ``1e-4`` as a string; accept it as the number it plainly is."""
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(command: str, config_file: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict:
+    """The command's defaults, updated by ``config_file`` (YAML) and then by ``overrides``."""
+    defaults = DEFAULTS[command]
+    config = copy.deepcopy(defaults)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        merge(config, loaded, defaults)
+    for text in overrides:
+        merge(config, parse_override(text), defaults)
+    if "name" in config and config["name"] is None:
+        config["name"] = command
+    return config
+
+
+def save_config(config: dict, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))

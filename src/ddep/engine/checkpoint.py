@@ -1,0 +1,47 @@
+"""Checkpoints: written atomically, read without executing pickled code.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts (model and optimizer state,
+the step, RNG states, the model config and the run config), so ``torch.load(weights_only=True)``
+reads it and a file that needs anything else is refused.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``:
+    a crash leaves either the old checkpoint or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: refused, it holds pickled objects other than tensors ({first[:200]})") from None
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many kinds of errors
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path}: not a ddep checkpoint (expected 'model' and 'model_config')")
+    return state

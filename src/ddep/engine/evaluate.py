@@ -1,0 +1,92 @@
+"""Evaluation: inference over a labeled set, metrics as mmsegmentation computes them, metrics.json."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..data import build_dataset
+from ..data.splits import split_hash, write_text_atomic
+from ..data.transforms import eval_transforms
+from ..inference import describe_mode, predict
+from ..metrics import SegMetric
+from ..models.saving import load_model
+from .distributed import DistInfo, shutdown
+from .run import start_run
+
+
+def eval_options(eval_config: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`ddep.inference.predict` from an ``eval`` config section."""
+    options = dict(eval_config)
+    for key in ("scales", "crop_size", "stride"):
+        if options.get(key) is not None:
+            options[key] = tuple(options[key])
+    return options
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset, eval_config: dict[str, Any], device: torch.device, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset``; each rank takes every world-th image (no padding, so
+    no image counts twice) and the confusion matrices are summed across ranks."""
+    was_training = model.training
+    model.eval()
+    metric = SegMetric(dataset.num_classes)
+    shard = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
+    options = eval_options(eval_config)
+    for item in DataLoader(shard, batch_size=1, num_workers=0):
+        image = item["image"].to(device)
+        probabilities = predict(model, image, **options)
+        metric.update(probabilities.argmax(1).cpu(), item["mask"])
+    metric.all_reduce()
+    model.train(was_training)
+    return metric.compute()
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def write_metrics(path: Path, metrics: dict[str, Any], eval_config: dict[str, Any], dataset, checkpoint: str | os.PathLike | None, **extra: Any) -> None:
+    """metrics.json: the metrics with everything needed to say what they measure."""
+    record = {
+        **metrics,
+        "inference": describe_mode(**eval_options(eval_config)),
+        "split_hash": split_hash(dataset.pairs),
+        "num_images": len(dataset),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoint_hash": file_hash(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+        **extra,
+    }
+    write_text_atomic(path, json.dumps(record, indent=2))
+
+
+def evaluate(config: dict[str, Any]) -> Path:
+    """``ddep evaluate``: a checkpoint or exported model on a labeled split."""
+    run = start_run(config, training=False)
+    try:
+        if not config["checkpoint"]:
+            raise ValueError("evaluate needs checkpoint=PATH (a .pt checkpoint or an exported model folder)")
+        model = load_model(config["checkpoint"]).to(run.device)
+        data = config["data"]
+        dataset = build_dataset(data["dataset"], data["root"], data["split"], transform=eval_transforms(model.config["mean"], model.config["std"]), **data["options"])
+        if model.config["classes"] != dataset.num_classes:
+            raise ValueError(f"the model predicts {model.config['classes']} classes but {data['dataset']} has {dataset.num_classes}")
+        metrics = evaluate_model(model, dataset, config["eval"], run.device, run.dist)
+        if run.dist.is_main:
+            checkpoint = Path(config["checkpoint"])
+            weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
+            write_metrics(run.dir / "metrics.json", metrics, config["eval"], dataset, weights)
+            print(f"mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc {metrics['mAcc']:.2f}  ({len(dataset)} images)")
+        return run.dir
+    finally:
+        shutdown(run.dist)

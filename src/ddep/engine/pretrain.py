@@ -1,0 +1,77 @@
+"""Denoising pretraining: DDeP (``mode=decoder``, frozen encoder) or DeP (``mode=encoder+decoder``)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import save_image
+
+from ..data import build_dataset
+from ..data.transforms import pretrain_transforms
+from ..models import build_model
+from ..models.saving import save_model
+from ..noise import corrupt, denoising_loss, estimate_clean, sample_gamma, to_model_input
+from .distributed import shutdown
+from .run import start_run
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+MODES = ("decoder", "encoder+decoder")
+
+
+def build_pretrain_model(config: dict[str, Any]):
+    m = config["model"]
+    if config["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {config['mode']!r}")
+    model = build_model(m["arch"], m["encoder"], m["encoder_weights"], classes=3, decoder_width=m["decoder_width"], **m["options"])
+    if config["mode"] == "decoder":
+        if m["encoder_weights"] is None:
+            log.warning("mode=decoder with a randomly initialised encoder: DDeP expects a pretrained encoder (model.encoder_weights)")
+        model.freeze_encoder()
+    return model
+
+
+def pretrain(config: dict[str, Any], resume: bool = False) -> Path:
+    """Train the decoder (and in DeP the encoder) to predict the noise added to unlabeled images."""
+    run = start_run(config, resume)
+    try:
+        model = build_pretrain_model(config)
+        data = config["data"]
+        dataset = build_dataset(
+            data["dataset"], data["root"], data["split"],
+            transform=pretrain_transforms(data["crop_size"], (data["min_scale"], 1.0)), **data["options"],
+        )
+        trainer = Trainer(config, model, dataset, run.dir, run.dist, run.device, config["optim"]["lr"], "pretrain", resume)
+        noise, mean, std = config["noise"], model.config["mean"], model.config["std"]
+        for batch in trainer.batches():
+            x = batch["image"] * 2 - 1  # [0, 1] -> [-1, 1], where sigma is defined
+            gamma = sample_gamma(x.shape[0], generator=trainer.generator, device=x.device, **_level(noise))
+            x_noisy, target = corrupt(x, noise["type"], target=noise["target"], generator=trainer.generator, gamma=gamma)
+            with trainer.autocast():
+                prediction = trainer.net(to_model_input(x_noisy, mean, std))
+            loss = denoising_loss(prediction.float(), target, noise["loss"])
+            if trainer.backward(loss) and run.dist.is_main and trainer.due(config["image_every"]):
+                save_grid(run.dir / "images" / f"step{trainer.step:07d}.png", x, x_noisy, prediction.float().detach(), gamma, noise)
+        trainer.save("last.pt")
+        if run.dist.is_main:
+            save_model(model, run.dir / "model")
+        trainer.close()
+        return run.dir
+    finally:
+        shutdown(run.dist)
+
+
+def _level(noise: dict[str, Any]) -> dict[str, Any]:
+    return dict(noise_level=noise["level"], noise_std=noise["std"], noise_std_range=tuple(noise["std_range"]), gamma_min=noise["gamma_min"])
+
+
+def save_grid(path: Path, x: torch.Tensor, x_noisy: torch.Tensor, prediction: torch.Tensor, gamma: torch.Tensor, noise: dict) -> None:
+    """Rows of up to 8 examples: clean, noisy, predicted target, denoised (all shown in [0, 1])."""
+    n = min(8, x.shape[0])
+    clean = estimate_clean(x_noisy[:n], prediction[:n], gamma[:n], noise["type"], noise["target"])
+    shown = prediction[:n] / 4 if noise["target"] == "noise" else prediction[:n]  # eps spans about [-4, 4]
+    rows = torch.cat([x[:n], x_noisy[:n], shown, clean]).clamp(-1, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((rows + 1) / 2, str(path), nrow=n)

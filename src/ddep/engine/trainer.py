@@ -1,0 +1,324 @@
+"""Plumbing shared by the pretraining and fine-tuning loops.
+
+:class:`Trainer` owns the device, the optimizer and learning-rate schedule, gradient
+accumulation, mixed precision, DDP, logging, checkpoints and exact resume; the loops in
+``pretrain.py`` and ``finetune.py`` only say how a batch becomes a loss.
+
+Exact resume: the data order is a stream of seeded per-epoch permutations and every sample's
+augmentation is seeded by (seed, epoch, index), so a run resumed from step s sees the same
+batches, with the same augmentations, as a run that never stopped; the optimizer, scheduler,
+RNG and noise-generator states come from the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistInfo, all_reduce_mean
+
+MIX = 0x9E3779B97F4A7C15
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * MIX + epoch) * MIX + index) % (2**63 - 1)
+
+
+class StreamSampler(Sampler[int]):
+    """An endless stream of per-epoch permutations, this rank's share of each, from ``start``.
+
+    Items are coded as ``epoch * size + index`` so that :class:`SeededItems` knows the epoch.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0, shuffle: bool = True) -> None:
+        self.size, self.seed, self.rank, self.world_size, self.start, self.shuffle = size, seed, rank, world_size, start, shuffle
+        self.per_rank = math.ceil(size / world_size)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1)))
+        else:
+            order = torch.arange(self.size)
+        order = order.tolist()
+        order += order[: self.per_rank * self.world_size - self.size]  # pad so every rank gets as many
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            for index in self.epoch_indices(epoch)[offset:]:
+                yield epoch * self.size + index
+            epoch, offset = epoch + 1, 0
+
+
+class SeededItems(Dataset):
+    """Runs each item's random transforms under a seed drawn from (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, code: int) -> dict:
+        epoch, index = divmod(code, len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+def build_optimizer(params: list[nn.Parameter], optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
+    name = optim["name"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+    raise ValueError(f"unknown optimizer {name!r} (known: adam, adamw, sgd)")
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Linear warmup to the base learning rate, then cosine decay to ``min_ratio`` of it."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """Optimizer steps over a dataset, with everything a long run needs around them."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        model: nn.Module,
+        dataset: Dataset,
+        run_dir: Path,
+        dist_info: DistInfo,
+        device: torch.device,
+        lr: float,
+        stage: str,
+        resume: bool = False,
+    ) -> None:
+        self.config, self.model, self.run_dir, self.dist, self.device, self.stage = config, model, run_dir, dist_info, device, stage
+        optim = config["optim"]
+        self.accum = optim["grad_accum"]
+        self.batch_size = config["data"]["batch_size"]
+        if self.accum < 1 or self.batch_size < 1:
+            raise ValueError("data.batch_size and optim.grad_accum must be >= 1")
+        per_rank = math.ceil(len(dataset) / dist_info.world_size)
+        images_per_step = self.batch_size * self.accum
+        self.total_steps = config["steps"] if config["steps"] is not None else math.ceil(config["epochs"] * per_rank / images_per_step)
+        if self.total_steps < 1:
+            raise ValueError(f"the run has no steps (steps={config['steps']}, epochs={config['epochs']})")
+
+        model.to(device)
+        if self.use_channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, optim, lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, optim["warmup_steps"], optim["min_lr_ratio"])
+        )
+        self.net = model
+        if dist_info.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if config["compile"]:
+            self.net = torch.compile(self.net)
+        self.generator = torch.Generator(device).manual_seed(config["seed"] * 7919 + dist_info.rank)
+        self.step = 0
+        self.extra: dict[str, Any] = {}
+        if resume:
+            self.load(run_dir / "checkpoints" / "last.pt")
+        self.dataset = dataset
+        self.loader = DataLoader(
+            SeededItems(dataset, config["seed"]),
+            batch_size=self.batch_size,
+            sampler=StreamSampler(len(dataset), config["seed"], dist_info.rank, dist_info.world_size, self.step * images_per_step),
+            num_workers=config["data"]["num_workers"],
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            persistent_workers=False,
+        )
+        self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
+        self._micro = 0
+        self.log_rows: list[dict[str, float]] = []
+        self._progress = None
+        self._tensorboard = None
+
+    # ----- device, precision
+    @property
+    def use_channels_last(self) -> bool:
+        setting = self.config["channels_last"]
+        return self.device.type == "cuda" if setting == "auto" else bool(setting)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        amp = self.config["amp"]
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" else "off"
+        if amp == "off":
+            return contextlib.nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        if dtype is None:
+            raise ValueError(f"amp must be auto, bf16, fp16 or off; got {amp!r}")
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def to_device(self, batch: dict) -> dict:
+        moved = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if key == "image" and self.use_channels_last:
+                    value = value.contiguous(memory_format=torch.channels_last)
+            moved[key] = value
+        return moved
+
+    # ----- the loop
+    def batches(self) -> Iterator[dict]:
+        """Micro-batches on the device until ``total_steps`` optimizer steps are done."""
+        self._open_logs()
+        if self.step >= self.total_steps:
+            return
+        for batch in self.loader:
+            yield self.to_device(batch)
+            if self.step >= self.total_steps:
+                break
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Accumulate ``loss``; every ``grad_accum`` micro-batches take an optimizer step.
+
+        Returns True when a step was taken (``self.step`` counts them)."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{self.stage}: loss is {loss.item()} at step {self.step + 1}; the last good checkpoint is "
+                f"{self.run_dir / 'checkpoints' / 'last.pt'} (try a lower optim.lr or optim.clip_grad_norm)"
+            )
+        self._micro += 1
+        boundary = self._micro % self.accum == 0
+        sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
+        with sync:
+            (loss / self.accum).backward()
+        self._loss_sum += loss.item()
+        self._loss_count += 1
+        self._images += self.batch_size * self.dist.world_size
+        if not boundary:
+            return False
+        if self.config["optim"]["clip_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config["optim"]["clip_grad_norm"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._after_step()
+        return True
+
+    def due(self, every: int) -> bool:
+        """Whether something that runs every ``every`` steps runs after this step (and the last)."""
+        return every > 0 and (self.step % every == 0 or self.step == self.total_steps)
+
+    def _after_step(self) -> None:
+        if self._progress is not None:
+            self._progress.update(1)
+        if self.due(self.config["log_every"]):
+            elapsed = time.perf_counter() - self._timer
+            row = {
+                "step": self.step,
+                "loss": all_reduce_mean(self._loss_sum / max(1, self._loss_count), self.dist, self.device),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": self._images / max(elapsed, 1e-9),
+            }
+            self.log(row)
+            self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
+        if self.due(self.config["checkpoint_every"]):
+            self.save("last.pt")
+
+    # ----- logs
+    def _open_logs(self) -> None:
+        if not self.dist.is_main or self._progress is not None:
+            return
+        if self.config["progress"]:
+            from tqdm import tqdm
+
+            self._progress = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
+
+    def log(self, row: dict[str, float]) -> None:
+        """Append ``row`` (with ``step``) to log.csv and TensorBoard, and show it in the bar."""
+        if not self.dist.is_main:
+            return
+        self.log_rows.append(row)
+        path = self.run_dir / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "key", "value"])
+            for key, value in row.items():
+                if key != "step":
+                    writer.writerow([row["step"], key, f"{value:.6g}"])
+        if self._tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self._tensorboard.add_scalar(f"{self.stage}/{key}", value, row["step"])
+        if self._progress is not None:
+            self._progress.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+    # ----- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "stage": self.stage,
+            "model": self.model.state_dict(),
+            "model_config": self.model.config,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "rng": rng,
+            "config": self.config,
+            "extra": self.extra,
+        }
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / "checkpoints" / name
+        if self.dist.is_main:
+            save_checkpoint(self.state_dict(), path)
+        return path
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("stage") != self.stage:
+            raise ValueError(f"{path}: a {state.get('stage')} checkpoint cannot resume a {self.stage} run")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.extra = state.get("extra", {})
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        self.generator.set_state(state["rng"]["generator"].cpu())
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)

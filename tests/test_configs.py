@@ -1,0 +1,24 @@
+"""Every shipped recipe is a valid config for its command."""
+from pathlib import Path
+
+import pytest
+
+from ddep.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def command_of(path: Path) -> str:
+    folder = path.parent.name
+    return {"pretrain": "pretrain", "finetune": "finetune"}.get(folder) or path.stem.split("_")[0]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_shipped_configs_load(path):
+    config = load_config(command_of(path), path)
+    assert config["name"]
+
+
+def test_there_are_paper_recipes():
+    names = {p.stem for p in CONFIGS}
+    assert {"cityscapes_transunet", "ade20k_transunet", "pascal_context_transunet", "ddep_transunet_in21k_224"} <= names

@@ -1,0 +1,161 @@
+"""The three stages through the command line, on tiny models and data."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fake_data
+from ddep.cli import main
+from ddep.engine import trainer as trainer_module
+from ddep.engine.checkpoint import load_checkpoint
+from ddep.models.saving import load_model
+
+TINY = ["model.encoder=resnet18", "data.num_workers=0", "progress=false"]
+PRETRAIN = [*TINY, "data.crop_size=32", "data.batch_size=4", "steps=4", "log_every=1", "checkpoint_every=2", "image_every=2"]
+FINETUNE = [*TINY, "data.options={num_classes: 3}", "data.crop_size=32", "data.batch_size=4", "steps=4", "eval_every=2", "log_every=1", "checkpoint_every=2"]
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    """A folder dataset (train 6, val 5 images of 64 x 64) and a run folder, as the cwd."""
+    monkeypatch.chdir(tmp_path)
+    for split, count in (("train", 6), ("val", 5)):
+        for i in range(count):
+            image = fake_data.rgb(i + 100 * (split == "val"), size=(64, 64))
+            fake_data.save(image, Path("data/images") / split / f"{i}.png")
+            ids = np.asarray(image)[..., 0] // 86  # classes 0, 1, 2 from the red channel
+            fake_data.save(Image.fromarray(ids.astype(np.uint8)), Path("data/masks") / split / f"{i}.png")
+    return tmp_path
+
+
+def run(*args):
+    assert main(list(args)) == 0
+
+
+def test_pretrain_finetune_evaluate_chain(data):
+    run("pretrain", "data.root=data/images", *PRETRAIN)
+    pre = Path("runs/pretrain")
+    assert {p.name for p in pre.iterdir()} >= {"config.yaml", "log.csv", "checkpoints", "images", "model", "tensorboard"}
+    assert sorted(p.name for p in (pre / "images").iterdir()) == ["step0000002.png", "step0000004.png"]
+    checkpoint = load_checkpoint(pre / "checkpoints" / "last.pt")
+    assert checkpoint["step"] == 4 and checkpoint["model_config"]["classes"] == 3
+
+    run("finetune", "init=runs/pretrain/checkpoints/last.pt", "data.root=data", *FINETUNE)
+    fine = Path("runs/finetune")
+    metrics = json.loads((fine / "metrics.json").read_text())
+    assert {"aAcc", "mIoU", "mAcc", "IoU", "inference", "split_hash", "checkpoint_hash", "best_mIoU"} <= set(metrics)
+    assert (fine / "checkpoints" / "best.pt").is_file() and len(metrics["IoU"]) == 3
+    model = load_model(fine / "checkpoints" / "best.pt")
+    assert model.config["classes"] == 3
+    pretrained = load_model(pre / "model")
+    # fine-tuning started from the pretrained decoder: the same architecture, weights moved on
+    assert pretrained.decoder.blocks[0].conv1[0].weight.shape == model.decoder.blocks[0].conv1[0].weight.shape
+
+    run("evaluate", "checkpoint=runs/finetune/checkpoints/best.pt", "data.root=data", "data.options={num_classes: 3}",
+        "eval.flip=true", "eval.scales=[0.75, 1.0]", "name=eval-tta")
+    evaluated = json.loads(Path("runs/eval-tta/metrics.json").read_text())
+    assert evaluated["inference"]["flip"] is True and evaluated["inference"]["scales"] == [0.75, 1.0]
+    assert evaluated["num_images"] == 5 and 0 <= evaluated["mIoU"] <= 100
+
+    run("predict", "checkpoint=runs/finetune/model", "input=data/images/val", "output=preds")
+    masks = sorted(p.name for p in Path("preds").iterdir())
+    assert masks[:2] == ["0.png", "0_overlay.jpg"] and len(masks) == 10
+
+    run("export", "checkpoint=runs/finetune/checkpoints/best.pt", "output=exported", "onnx=true", "onnx_size=[32, 32]")
+    import onnx
+
+    onnx.checker.check_model("exported/model.onnx")
+    exported = load_model("exported")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(x), model.eval()(x))
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, monkeypatch, stage):
+    args = ["data.root=data/images", *PRETRAIN] if stage == "pretrain" else ["data.root=data", *FINETUNE]
+    run(stage, *args, "name=straight")
+
+    original = trainer_module.Trainer._after_step
+
+    def crash_after_step_2(self):
+        original(self)
+        if self.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "_after_step", crash_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        main([stage, *args, "name=interrupted"])
+    monkeypatch.setattr(trainer_module.Trainer, "_after_step", original)
+    assert load_checkpoint("runs/interrupted/checkpoints/last.pt")["step"] == 2
+    run(stage, *args, "name=interrupted", "--resume")
+
+    straight, resumed = weights("runs/straight/checkpoints/last.pt"), weights("runs/interrupted/checkpoints/last.pt")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_a_run_is_never_overwritten_and_resume_needs_a_checkpoint(data, capsys):
+    run("pretrain", "data.root=data/images", *PRETRAIN, "steps=1")
+    assert main(["pretrain", "data.root=data/images", *PRETRAIN, "steps=1"]) == 1
+    assert "runs/pretrain already holds a run: pass --resume" in capsys.readouterr().err
+    assert main(["pretrain", "data.root=data/images", *PRETRAIN, "name=new", "--resume"]) == 1
+    assert "--resume: no checkpoint to resume from at runs/new/checkpoints/last.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pretrain", "optim.lrr=0.1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+        (["pretrain", "data.batch_size=two"], "data.batch_size must be int, got 'two'"),
+        (["finetune", "eval.flip=maybe"], "eval.flip must be bool"),
+        (["pretrain", "noise.std"], "override must look like key=value"),
+        (["evaluate", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+        (["pretrain", "mode=encoder", "data.root=data/images", *TINY], "mode must be one of decoder, encoder+decoder"),
+    ],
+)
+def test_config_errors_are_one_line(data, capsys, args, message):
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith(f"ddep {args[0]}: error:")
+
+
+def test_yaml_config_file_and_saved_config(data):
+    Path("pre.yaml").write_text("data:\n  root: data/images\n  crop_size: 32\n  batch_size: 4\nsteps: 1\nnoise:\n  std: 0.3\n")
+    run("pretrain", "--config", "pre.yaml", *TINY, "noise.type=simple")
+    import yaml
+
+    saved = yaml.safe_load(Path("runs/pretrain/config.yaml").read_text())
+    assert saved["noise"]["std"] == 0.3 and saved["noise"]["type"] == "simple" and saved["steps"] == 1
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_matches_a_single_process(data):
+    run("finetune", "data.root=data", *FINETUNE, "steps=1", "eval_every=0")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "ddep"]
+    evaluate = ["evaluate", "checkpoint=runs/finetune/checkpoints/last.pt", "data.root=data", "data.options={num_classes: 3}", "device=cpu"]
+    single = subprocess.run([sys.executable, "-m", "ddep", *evaluate, "name=single"], env=env, capture_output=True, text=True)
+    double = subprocess.run([*torchrun, *evaluate, "name=double"], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    assert double.returncode == 0, double.stderr
+    one, two = (json.loads(Path(f"runs/{n}/metrics.json").read_text()) for n in ("single", "double"))
+    assert one["num_images"] == two["num_images"] == 5
+    assert one["mIoU"] == pytest.approx(two["mIoU"], abs=1e-9) and one["IoU"] == two["IoU"]
+    # and a 2-process training run: rank 0 writes, both ranks step
+    train = subprocess.run([*torchrun, "pretrain", "data.root=data/images", *PRETRAIN, "device=cpu", "steps=2", "name=ddp"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    assert load_checkpoint("runs/ddp/checkpoints/last.pt")["step"] == 2
