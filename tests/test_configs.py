@@ -22,3 +22,15 @@ def test_shipped_configs_load(path):
 def test_there_are_paper_recipes():
     names = {p.stem for p in CONFIGS}
     assert {"cityscapes_transunet", "ade20k_transunet", "pascal_context_transunet", "ddep_transunet_in21k_224"} <= names
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("amp=off", "amp", "off"),  # YAML reads `off` as False
+    ("amp=bf16", "amp", "bf16"),
+    ("channels_last=true", "channels_last", True),
+    ("channels_last=no", "channels_last", False),
+    ("channels_last=auto", "channels_last", "auto"),
+])
+def test_choice_keys_accept_yaml_booleans(text, key, value):
+    got = load_config("pretrain", overrides=[text])[key]
+    assert got == value and type(got) is type(value)

@@ -82,6 +82,11 @@ NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
+#: Keys that take one of a few values. YAML reads ``off``/``on``/``yes``/``no`` as booleans, so
+#: ``amp: off`` arrives as False and is read as "off".
+CHOICES: dict[str, tuple[Any, ...]] = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False)}
+
+
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names it."""
 
@@ -95,7 +100,18 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _check_choice(key: str, value: Any) -> Any:
+    choices = CHOICES[key]
+    if key == "amp" and value is False:
+        value = "off"
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
 def _check_type(key: str, value: Any, default: Any) -> Any:
+    if key in CHOICES:
+        return _check_choice(key, value)
     if value is None:
         return value
     if default is None:
@@ -171,8 +187,11 @@ def _looks_like_float(text: str) -> bool:
         return False
 
 
-def load_config(command: str, config_file: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict:
-    """The command's defaults, updated by ``config_file`` (YAML) and then by ``overrides``."""
+def load_config(
+    command: str, config_file: str | os.PathLike | None = None, overrides: list[str] = (), updates: dict | None = None
+) -> dict:
+    """The command's defaults, updated by ``config_file`` (YAML), then ``updates`` (a nested dict,
+    for programs), then ``overrides`` (``key=value`` strings, for people)."""
     defaults = DEFAULTS[command]
     config = copy.deepcopy(defaults)
     if config_file is not None:
@@ -186,6 +205,8 @@ def load_config(command: str, config_file: str | os.PathLike | None = None, over
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         merge(config, loaded, defaults)
+    if updates:
+        merge(config, updates, defaults)
     for text in overrides:
         merge(config, parse_override(text), defaults)
     if "name" in config and config["name"] is None:
