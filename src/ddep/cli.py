@@ -82,6 +82,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole method on built-in data: pretraining, fine-tuning from two starts, a report."""
+    from .experiments.demo import FULL, QUICK, run_demo
+
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    run_demo(out, QUICK if args.quick else FULL, fresh=args.fresh)
+    return 0
+
+
 RUN_COMMANDS = {
     "pretrain": "denoising pretraining of the decoder (DDeP) or the whole model (DeP)",
     "finetune": "fine-tune on labeled images from a pretraining checkpoint, an encoder, or scratch",
@@ -97,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ddep {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    demo = commands.add_parser("demo", help="run DDeP end to end on built-in data (about 8 minutes on two CPU cores)")
+    demo.add_argument("--out", help="output folder (default: runs/demo, or runs/demo-quick with --quick)")
+    demo.add_argument("--quick", action="store_true", help="a 2-minute version: fewer labels, seeds and steps")
+    demo.add_argument("--fresh", action="store_true", help="rerun everything instead of reusing finished runs")
+    demo.set_defaults(run=cmd_demo)
     models = commands.add_parser("models", help="list architectures, their options and offline encoder weights")
     models.set_defaults(run=cmd_models)
     splits = commands.add_parser("splits", help="write label-fraction split files (nested, seeded)")
