@@ -73,6 +73,17 @@ def _check_size_divisor(size_divisor: int | None) -> None:
         raise ValueError(f"size_divisor must be a positive int or None; got {size_divisor!r}")
 
 
+def _check_slide(
+    crop_size: int | Sequence[int] | None, stride: int | Sequence[int] | None, size_divisor: int | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Slide mode's window settings as pairs; windows are padded to ``crop_size``, so it must be
+    divisible by ``size_divisor``."""
+    crop, stride = _pair("crop_size", crop_size), _pair("stride", stride)
+    if size_divisor is not None and (crop[0] % size_divisor or crop[1] % size_divisor):
+        raise ValueError(f"crop_size {crop} must be divisible by size_divisor {size_divisor}")
+    return crop, stride
+
+
 def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in scales)
@@ -208,9 +219,7 @@ def predict_tta(
     scales = _check_scales(scales)
     _check_size_divisor(size_divisor)
     if mode == "slide":
-        crop, _ = _pair("crop_size", crop_size), _pair("stride", stride)
-        if size_divisor is not None and (crop[0] % size_divisor or crop[1] % size_divisor):
-            raise ValueError(f"crop_size {crop} must be divisible by size_divisor {size_divisor}")
+        _check_slide(crop_size, stride, size_divisor)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if mode == "slide":
@@ -279,9 +288,7 @@ def describe_mode(
     scales = _check_scales(scales)
     _check_size_divisor(size_divisor)
     if mode == "slide":
-        crop_size, stride = _pair("crop_size", crop_size), _pair("stride", stride)
-        if size_divisor is not None and (crop_size[0] % size_divisor or crop_size[1] % size_divisor):
-            raise ValueError(f"crop_size {crop_size} must be divisible by size_divisor {size_divisor}")
+        crop_size, stride = _check_slide(crop_size, stride, size_divisor)
         slide_windows(1, 1, crop_size, stride)  # the same stride <= crop check as inference
     else:
         crop_size = stride = None  # unused outside slide mode, so not recorded as if they were
