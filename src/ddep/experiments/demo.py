@@ -70,7 +70,7 @@ QUICK = replace(FULL, unlabeled_images=200, val_images=60, label_counts=(4, 16),
 
 def common(settings: DemoSettings, out: Path, name: str) -> dict[str, Any]:
     return {
-        "name": name, "out_dir": str(out), "device": "cpu", "channels_last": True, "progress": True, "log_every": 10,
+        "name": name, "out_dir": str(out), "device": "cpu", "channels_last": True,
         "model": {"arch": "unet", "encoder": settings.encoder, "encoder_weights": settings.encoder_weights,
                   "options": {"decoder_channels": list(settings.decoder_channels)}},
         "data": {"num_workers": 0},
@@ -208,16 +208,16 @@ def write_report(out: Path, settings: DemoSettings, record: dict[str, Any]) -> N
 def prediction_grid(out: Path, settings: DemoSettings, count: int = 8) -> None:
     """Validation images, their masks, and both starts' predictions at the largest label count."""
     labels, seed = settings.label_counts[-1], settings.seeds[0]
-    models = [load_model(out / f"finetune/{start}-{labels}labels-seed{seed}" / "model").eval() for start in STARTS]
+    models = [load_model(out / finetune_config(settings, out, start, labels, seed)["name"] / "model").eval() for start in STARTS]
     val = build_dataset("demo", split="val", size=settings.image_size, num_images=count,
                         transform=eval_transforms(models[0].config["mean"], models[0].config["std"]))
-    raw = build_dataset("demo", split="val", size=settings.image_size, num_images=count)
     colours = palette(val.num_classes)
     rows: list[list[np.ndarray]] = [[], [], [], []]
     for i in range(count):
-        rows[0].append((raw[i]["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-        rows[1].append(colours[raw[i]["mask"].numpy().clip(0, 255)])
         image = val[i]["image"][None]
+        photo, mask = val.arrays(i)  # the scene as generated, before normalisation
+        rows[0].append(photo)
+        rows[1].append(colours[mask])
         for row, model in zip(rows[2:], models):
             row.append(colours[predict(model, image).argmax(1)[0].numpy()])
     grid = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
