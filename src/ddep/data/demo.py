@@ -44,7 +44,6 @@ IGNORE_INDEX = 255
 class _Source:
     photo: str  # a function of skimage.data
     box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)  # (left, top, right, bottom), fractions
-    scale: float = 1.0  # resize once on load, so that texture scales are comparable
 
 
 # class name -> the photo regions its pixels are cut from
@@ -52,7 +51,7 @@ _CLASS_SOURCES: dict[str, tuple[_Source, ...]] = {
     "grass": (_Source("grass"),),
     "gravel": (_Source("gravel"),),
     "brick": (_Source("brick"),),
-    "cat fur": (_Source("chelsea", (0.0, 0.0, 0.8, 1.0), 1.0),),
+    "cat fur": (_Source("chelsea", (0.0, 0.0, 0.8, 1.0)),),
     "tissue": (_Source("immunohistochemistry"),),
     "coins": (_Source("coins"),),
 }
@@ -64,22 +63,19 @@ VAL_FRACTION = 0.25
 
 
 @functools.lru_cache(maxsize=None)
-def _photo(name: str, scale: float) -> Image.Image:
+def _photo(name: str) -> Image.Image:
     from skimage import data
 
     array = np.asarray(getattr(data, name)())
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
-    image = Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8))
-    if scale != 1.0:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
-    return image
+    return Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8))
 
 
 @functools.lru_cache(maxsize=None)
 def _region(source: _Source, part: str) -> Image.Image:
     """The source's box, split along its longer side: val gets the last VAL_FRACTION."""
-    photo = _photo(source.photo, source.scale)
+    photo = _photo(source.photo)
     w, h = photo.size
     l, t, r, b = round(source.box[0] * w), round(source.box[1] * h), round(source.box[2] * w), round(source.box[3] * h)
     if r - l >= b - t:
