@@ -126,6 +126,8 @@ def test_a_run_is_never_overwritten_and_resume_needs_a_checkpoint(data, capsys):
         (["pretrain", "noise.std"], "override must look like key=value"),
         (["evaluate", "--config", "missing.yaml"], "config file not found: missing.yaml"),
         (["pretrain", "mode=encoder", "data.root=data/images", *TINY], "mode must be one of decoder, encoder+decoder"),
+        (["pretrain", "noise.type=simple", "noise.level=ddpm", "data.root=data/images", *PRETRAIN],
+         "noise_level='ddpm' reaches gamma = 0 (infinite sigma): use noise_type='scaled'"),
     ],
 )
 def test_config_errors_are_one_line(data, capsys, args, message):

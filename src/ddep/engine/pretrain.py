@@ -48,7 +48,7 @@ def pretrain(config: dict[str, Any], resume: bool = False) -> Path:
         for batch in trainer.batches():
             x = batch["image"] * 2 - 1  # [0, 1] -> [-1, 1], where sigma is defined
             gamma = sample_gamma(x.shape[0], generator=trainer.generator, device=x.device, **_level(noise))
-            x_noisy, target = corrupt(x, noise["type"], target=noise["target"], generator=trainer.generator, gamma=gamma)
+            x_noisy, target = corrupt(x, noise["type"], target=noise["target"], generator=trainer.generator, gamma=gamma, **_level(noise))
             with trainer.autocast():
                 prediction = trainer.net(to_model_input(x_noisy, mean, std))
             loss = denoising_loss(prediction.float(), target, noise["loss"])
