@@ -76,9 +76,11 @@ def _check_size_divisor(size_divisor: int | None) -> None:
 def _check_slide(
     crop_size: int | Sequence[int] | None, stride: int | Sequence[int] | None, size_divisor: int | None
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Slide mode's window settings as pairs; windows are padded to ``crop_size``, so it must be
-    divisible by ``size_divisor``."""
+    """Slide mode's window settings as pairs. A stride larger than the crop would leave gaps, and
+    windows are padded to ``crop_size``, so it must be divisible by ``size_divisor``."""
     crop, stride = _pair("crop_size", crop_size), _pair("stride", stride)
+    if stride[0] > crop[0] or stride[1] > crop[1]:
+        raise ValueError(f"stride {stride} larger than crop_size {crop} would leave gaps")
     if size_divisor is not None and (crop[0] % size_divisor or crop[1] % size_divisor):
         raise ValueError(f"crop_size {crop} must be divisible by size_divisor {size_divisor}")
     return crop, stride
@@ -148,10 +150,7 @@ def slide_windows(
     crop), starting every ``stride`` pixels; the last row and column are shifted back to end at
     the image's edge, so every window is a full crop unless the image is smaller than the crop.
     """
-    h_crop, w_crop = _pair("crop_size", crop_size)
-    h_stride, w_stride = _pair("stride", stride)
-    if h_stride > h_crop or w_stride > w_crop:
-        raise ValueError(f"stride {(h_stride, w_stride)} larger than crop_size {(h_crop, w_crop)} would leave gaps")
+    (h_crop, w_crop), (h_stride, w_stride) = _check_slide(crop_size, stride, None)
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     windows = []
@@ -289,7 +288,6 @@ def describe_mode(
     _check_size_divisor(size_divisor)
     if mode == "slide":
         crop_size, stride = _check_slide(crop_size, stride, size_divisor)
-        slide_windows(1, 1, crop_size, stride)  # the same stride <= crop check as inference
     else:
         crop_size = stride = None  # unused outside slide mode, so not recorded as if they were
     return {
