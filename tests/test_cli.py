@@ -22,3 +22,8 @@ def test_models_lists_archs_options_and_offline_weights(capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "ddep", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("ddep ")
+
+
+def test_dataset_options_must_be_key_value(tmp_path, capsys):
+    assert main(["splits", "--dataset", "folder", "--root", str(tmp_path), "--fractions", "1", "-o", "num_classes"]) == 1
+    assert "-o option must look like key=value, got 'num_classes'" in capsys.readouterr().err

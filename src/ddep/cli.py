@@ -23,25 +23,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_key_values(items: Sequence[str]) -> dict:
-    """``["num_classes=5", "img_dir=imgs"]`` -> ``{"num_classes": 5, "img_dir": "imgs"}`` (YAML values)."""
-    import yaml
-
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        options[key] = yaml.safe_load(value)
-    return options
-
-
 def cmd_splits(args: argparse.Namespace) -> int:
     """Write seeded, nested label-fraction split files for a dataset's training images."""
+    from .config import parse_key_value
     from .data import build_dataset
     from .data.splits import split_hash, write_splits
 
-    dataset = build_dataset(args.dataset, args.root, split=args.split, **parse_key_values(args.option))
+    options = dict(parse_key_value(item, "-o option") for item in args.option)
+    dataset = build_dataset(args.dataset, args.root, split=args.split, **options)
     for path, pairs in write_splits(args.dataset, dataset.pairs, args.fractions.split(","), args.seeds, args.out):
         print(f"{path}  {len(pairs)} of {len(dataset)} images  hash {split_hash(pairs)}")
     return 0

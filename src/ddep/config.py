@@ -8,12 +8,13 @@ as free-form keyword arguments to the model or dataset constructors, which check
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .choices import did_you_mean
 
 COMMON: dict[str, Any] = {
     "name": None,  # run folder name; default: the command
@@ -145,9 +146,7 @@ def merge(config: dict, updates: dict, defaults: dict, prefix: str = "", root: d
     for key, value in updates.items():
         full = prefix + key
         if key not in defaults:
-            close = difflib.get_close_matches(full, _flat_keys(root), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {full!r}{hint}")
+            raise ConfigError(f"unknown config key {full!r}{did_you_mean(full, _flat_keys(root))}")
         default = defaults[key]
         if isinstance(default, dict) and key != "options":
             if not isinstance(value, dict):
@@ -161,17 +160,23 @@ def merge(config: dict, updates: dict, defaults: dict, prefix: str = "", root: d
             config[key] = _check_type(full, value, default)
 
 
-def parse_override(text: str) -> dict:
-    """``"optim.lr=1e-4"`` -> ``{"optim": {"lr": 0.0001}}`` (the value is parsed as YAML)."""
+def parse_key_value(text: str, what: str = "override") -> tuple[str, Any]:
+    """``"optim.lr=1e-4"`` -> ``("optim.lr", 0.0001)``: the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override must look like key=value, got {text!r}")
+        raise ConfigError(f"{what} must look like key=value, got {text!r}")
     value = yaml.safe_load(raw) if raw.strip() else None
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)
+    return key.strip(), value
+
+
+def parse_override(text: str) -> dict:
+    """``"optim.lr=1e-4"`` -> ``{"optim": {"lr": 0.0001}}``."""
+    key, value = parse_key_value(text)
     tree: dict = {}
     node = tree
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
