@@ -163,3 +163,19 @@ def test_two_process_gloo_run_matches_a_single_process(data):
                            env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr
     assert load_checkpoint("runs/ddp/checkpoints/last.pt")["step"] == 2
+
+
+def test_the_final_checkpoint_is_written_once_after_the_final_evaluation(data, monkeypatch):
+    """A last.pt at the final step always holds the final evaluation, so a run killed during that
+    evaluation resumes from the previous checkpoint instead of skipping it."""
+    saves = []
+    original = trainer_module.Trainer.save
+
+    def record(self, name):
+        saves.append((name, self.step, "last_metrics" in self.extra))
+        return original(self, name)
+
+    monkeypatch.setattr(trainer_module.Trainer, "save", record)
+    run("finetune", "data.root=data", *FINETUNE)
+    # at step 2 the periodic checkpoint comes before that step's evaluation; at step 4 only the loop's
+    assert [s for s in saves if s[0] == "last.pt"] == [("last.pt", 2, False), ("last.pt", 4, True)]

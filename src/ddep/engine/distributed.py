@@ -47,11 +47,6 @@ def resolve_device(device: str, info: DistInfo) -> torch.device:
     return resolved
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float:
     if not info.enabled:
         return value

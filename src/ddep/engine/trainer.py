@@ -39,16 +39,13 @@ class StreamSampler(Sampler[int]):
     Items are coded as ``epoch * size + index`` so that :class:`SeededItems` knows the epoch.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0, shuffle: bool = True) -> None:
-        self.size, self.seed, self.rank, self.world_size, self.start, self.shuffle = size, seed, rank, world_size, start, shuffle
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
         self.per_rank = math.ceil(size / world_size)
 
     def epoch_indices(self, epoch: int) -> list[int]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1)))
-        else:
-            order = torch.arange(self.size)
-        order = order.tolist()
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
+        order = torch.randperm(self.size, generator=generator).tolist()
         order += order[: self.per_rank * self.world_size - self.size]  # pad so every rank gets as many
         return order[self.rank :: self.world_size]
 
@@ -145,7 +142,6 @@ class Trainer:
         self.extra: dict[str, Any] = {}
         if resume:
             self.load(run_dir / "checkpoints" / "last.pt")
-        self.dataset = dataset
         self.loader = DataLoader(
             SeededItems(dataset, config["seed"]),
             batch_size=self.batch_size,
@@ -153,11 +149,9 @@ class Trainer:
             num_workers=config["data"]["num_workers"],
             pin_memory=device.type == "cuda",
             drop_last=True,
-            persistent_workers=False,
         )
         self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
         self._micro = 0
-        self.log_rows: list[dict[str, float]] = []
         self._progress = None
         self._tensorboard = None
 
@@ -244,8 +238,8 @@ class Trainer:
             }
             self.log(row)
             self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
-        if self.due(self.config["checkpoint_every"]):
-            self.save("last.pt")
+        if self.step < self.total_steps and self.due(self.config["checkpoint_every"]):
+            self.save("last.pt")  # the last one is the loop's, after its final work (evaluation)
 
     # ----- logs
     def _open_logs(self) -> None:
@@ -263,7 +257,6 @@ class Trainer:
         """Append ``row`` (with ``step``) to log.csv and TensorBoard, and show it in the bar."""
         if not self.dist.is_main:
             return
-        self.log_rows.append(row)
         path = self.run_dir / "log.csv"
         new = not path.exists()
         with open(path, "a", newline="") as f:
