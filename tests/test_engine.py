@@ -121,6 +121,7 @@ def test_a_run_is_never_overwritten_and_resume_needs_a_checkpoint(data, capsys):
         (["pretrain", "optim.lrr=0.1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
         (["pretrain", "data.batch_size=two"], "data.batch_size must be int, got 'two'"),
         (["finetune", "eval.flip=maybe"], "eval.flip must be bool"),
+        (["pretrain", "optim.name=adamm"], "optim.name must be one of adam, adamw, sgd; got 'adamm'"),
         (["pretrain", "amp=fp8"], "amp must be one of auto, bf16, fp16, off; got 'fp8'"),
         (["pretrain", "channels_last=1"], "channels_last must be one of auto, True, False; got 1"),
         (["pretrain", "noise.std"], "override must look like key=value"),

@@ -83,9 +83,14 @@ NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
-#: Keys that take one of a few values. YAML reads ``off``/``on``/``yes``/``no`` as booleans, so
+#: Keys that take one of a few values, checked when the config is read, before any work. YAML reads ``off``/``on``/``yes``/``no`` as booleans, so
 #: ``amp: off`` arrives as False and is read as "off".
-CHOICES: dict[str, tuple[Any, ...]] = {"amp": ("auto", "bf16", "fp16", "off"), "channels_last": ("auto", True, False)}
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "amp": ("auto", "bf16", "fp16", "off"),
+    "channels_last": ("auto", True, False),
+    "mode": ("decoder", "encoder+decoder"),  # pretraining: DDeP (frozen encoder) or DeP
+    "optim.name": ("adam", "adamw", "sgd"),
+}
 
 
 class ConfigError(ValueError):

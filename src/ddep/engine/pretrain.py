@@ -18,13 +18,10 @@ from .run import start_run
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
-MODES = ("decoder", "encoder+decoder")
 
 
 def build_pretrain_model(config: dict[str, Any]):
     m = config["model"]
-    if config["mode"] not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {config['mode']!r}")
     model = build_model(m["arch"], m["encoder"], m["encoder_weights"], classes=3, decoder_width=m["decoder_width"], **m["options"])
     if config["mode"] == "decoder":
         if m["encoder_weights"] is None:

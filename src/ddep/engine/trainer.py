@@ -74,14 +74,13 @@ class SeededItems(Dataset):
 
 
 def build_optimizer(params: list[nn.Parameter], optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
+    """The ``optim`` section's optimizer (its name already checked against ``config.CHOICES``)."""
     name = optim["name"]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
-    raise ValueError(f"unknown optimizer {name!r} (known: adam, adamw, sgd)")
+    return torch.optim.SGD(params, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -167,10 +166,7 @@ class Trainer:
             amp = "bf16" if self.device.type == "cuda" else "off"
         if amp == "off":
             return contextlib.nullcontext()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        if dtype is None:
-            raise ValueError(f"amp must be auto, bf16, fp16 or off; got {amp!r}")
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
     def to_device(self, batch: dict) -> dict:
         moved = {}
