@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import write_text_atomic
 from .choices import did_you_mean
 
 COMMON: dict[str, Any] = {
@@ -225,4 +226,4 @@ def load_config(
 
 
 def save_config(config: dict, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..atomic import write_text_atomic
 from .io import DataError
 
 
@@ -65,13 +66,6 @@ def split_lines(pairs: Sequence[tuple[str, str]]) -> str:
 def split_hash(pairs: Sequence[tuple[str, str]]) -> str:
     """A short content hash of a split, recorded with every result."""
     return hashlib.sha256(split_lines(pairs).encode()).hexdigest()[:16]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_splits(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..atomic import write_text_atomic
 from .io import IMAGE_EXTENSIONS, DataError, read_image
 from .labeled import require_dir
 from .transforms import ToTensor, Transform
@@ -62,10 +63,7 @@ def cached_image_list(root: Path, cache_dir: Path | None = None, refresh: bool =
             return lines[1:]
     files = list_images(root)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("\n".join([header, *files]))
-        tmp.replace(cache)
+        write_text_atomic(cache, "\n".join([header, *files]))
     except OSError as e:  # a read-only home must not stop training
         log.warning("could not cache the image list of %s in %s: %s", root, cache_dir, e)
     return files

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_atomic
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the file."""
@@ -21,14 +23,7 @@ class CheckpointError(ValueError):
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``:
     a crash leaves either the old checkpoint or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

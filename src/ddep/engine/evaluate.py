@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset
-from ..data.splits import split_hash, write_text_atomic
+from ..atomic import write_text_atomic
+from ..data.splits import split_hash
 from ..data.transforms import eval_transforms
 from ..inference import describe_mode, predict
 from ..metrics import SegMetric

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import write_text_atomic
 from ..config import load_config
 from ..data import build_dataset
-from ..data.splits import write_text_atomic
 from ..data.transforms import eval_transforms
 from ..engine.finetune import finetune
 from ..engine.predict import palette

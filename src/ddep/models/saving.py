@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from ..atomic import write_atomic, write_text_atomic
 
 from .registry import build_model
 from .segmenter import SegmentationModel
@@ -21,12 +24,8 @@ def save_model(model: SegmentationModel, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = dict(model.config, encoder_weights=None)  # the weights are in the file itself
-    tmp = directory / f".{WEIGHTS_FILE}.tmp{os.getpid()}"
-    save_file(state, str(tmp))
-    tmp.replace(directory / WEIGHTS_FILE)
-    tmp = directory / f".{CONFIG_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(config, indent=2))
-    tmp.replace(directory / CONFIG_FILE)
+    write_atomic(directory / WEIGHTS_FILE, lambda f: f.write(safetensors_bytes(state)))
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2))
     return directory
 
 
