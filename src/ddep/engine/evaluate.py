@@ -17,18 +17,9 @@ from ..data.splits import split_hash
 from ..data.transforms import eval_transforms
 from ..inference import describe_mode, predict
 from ..metrics import SegMetric
-from ..models.saving import load_model
+from ..models.saving import load_model, model_file
 from .distributed import DistInfo, shutdown
 from .run import start_run
-
-
-def eval_options(eval_config: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of :func:`ddep.inference.predict` from an ``eval`` config section."""
-    options = dict(eval_config)
-    for key in ("scales", "crop_size", "stride"):
-        if options.get(key) is not None:
-            options[key] = tuple(options[key])
-    return options
 
 
 @torch.no_grad()
@@ -39,10 +30,9 @@ def evaluate_model(model: nn.Module, dataset, eval_config: dict[str, Any], devic
     model.eval()
     metric = SegMetric(dataset.num_classes)
     shard = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
-    options = eval_options(eval_config)
     for item in DataLoader(shard, batch_size=1, num_workers=0):
         image = item["image"].to(device)
-        probabilities = predict(model, image, **options)
+        probabilities = predict(model, image, **eval_config)
         metric.update(probabilities.argmax(1).cpu(), item["mask"])
     metric.all_reduce()
     model.train(was_training)
@@ -61,7 +51,7 @@ def write_metrics(path: Path, metrics: dict[str, Any], eval_config: dict[str, An
     """metrics.json: the metrics with everything needed to say what they measure."""
     record = {
         **metrics,
-        "inference": describe_mode(**eval_options(eval_config)),
+        "inference": describe_mode(**eval_config),
         "split_hash": split_hash(dataset.pairs),
         "num_images": len(dataset),
         "checkpoint": str(checkpoint) if checkpoint else None,
@@ -84,9 +74,7 @@ def evaluate(config: dict[str, Any]) -> Path:
             raise ValueError(f"the model predicts {model.config['classes']} classes but {data['dataset']} has {dataset.num_classes}")
         metrics = evaluate_model(model, dataset, config["eval"], run.device, run.dist)
         if run.dist.is_main:
-            checkpoint = Path(config["checkpoint"])
-            weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
-            write_metrics(run.dir / "metrics.json", metrics, config["eval"], dataset, weights)
+            write_metrics(run.dir / "metrics.json", metrics, config["eval"], dataset, model_file(config["checkpoint"]))
             print(f"mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc {metrics['mAcc']:.2f}  ({len(dataset)} images)")
         return run.dir
     finally:

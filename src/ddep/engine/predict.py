@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from ..data.io import DataError, read_image
+from ..data.labeled import require_dir
 from ..data.transforms import eval_transforms
 from ..data.unlabeled import list_images
 from ..inference import predict
 from ..models.saving import load_model
 from .distributed import DistInfo, resolve_device
-from .evaluate import eval_options
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -31,20 +31,18 @@ def predict_folder(config: dict[str, Any]) -> Path:
         if not config[key]:
             raise ValueError(f"predict needs {key}=PATH")
     source, output = Path(config["input"]), Path(config["output"])
-    if not source.is_dir():
-        raise DataError(f"input folder not found: {source}")
+    require_dir(source, "input folder")
     device = resolve_device(config["device"], DistInfo())
     model = load_model(config["checkpoint"]).to(device).eval()
     transform = eval_transforms(model.config["mean"], model.config["std"])
     colours = palette(model.config["classes"])
-    options = eval_options(config["eval"])
     files = list_images(source)
     if not files:
         raise DataError(f"no images found under {source}")
     for name in files:
         image = read_image(source / name)
         x = transform({"image": image})["image"][None].to(device)
-        ids = predict(model, x, **options).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        ids = predict(model, x, **config["eval"]).argmax(1)[0].to(torch.uint8).cpu().numpy()
         target = (output / name).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(ids).save(target)

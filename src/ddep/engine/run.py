@@ -20,12 +20,17 @@ class Run:
     device: torch.device
 
 
+def last_checkpoint(config: dict[str, Any]) -> Path:
+    """Where a training run's resumable checkpoint lives."""
+    return Path(config["out_dir"]) / config["name"] / "checkpoints" / "last.pt"
+
+
 def start_run(config: dict[str, Any], resume: bool = False, training: bool = True) -> Run:
     """Check the run folder before any work, seed everything, save the resolved config."""
     dist_info = init_distributed(config["device"])
     device = resolve_device(config["device"], dist_info)
     run_dir = Path(config["out_dir"]) / config["name"]
-    last = run_dir / "checkpoints" / "last.pt"
+    last = last_checkpoint(config)
     if training and resume and not last.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last}")
     if training and not resume and last.is_file():

@@ -31,8 +31,9 @@ from ..data.transforms import eval_transforms
 from ..engine.finetune import finetune
 from ..engine.predict import palette
 from ..engine.pretrain import pretrain
+from ..engine.run import last_checkpoint
 from ..inference import predict
-from ..models.saving import load_model
+from ..models.saving import WEIGHTS_FILE, load_model
 from .report import markdown_table, plot, text_table
 
 STARTS = {"random_decoder": "ImageNet encoder + random decoder", "ddep": "ImageNet encoder + DDeP decoder"}
@@ -116,7 +117,7 @@ def run_stage(stage: Callable[..., Path], config: dict[str, Any], done: Path) ->
     """Run ``stage`` unless ``done`` exists; a run interrupted after a checkpoint resumes from it."""
     if done.is_file():
         return False
-    stage(config, resume=(Path(config["out_dir"]) / config["name"] / "checkpoints" / "last.pt").is_file())
+    stage(config, resume=last_checkpoint(config).is_file())
     return True
 
 
@@ -128,7 +129,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = FULL, fresh
 
     print(f"[1/3] decoder denoising pretraining: frozen ImageNet {settings.encoder}, {settings.unlabeled_images} "
           f"unlabeled {settings.image_size}px images, {settings.pretrain_steps} steps")
-    if not run_stage(pretrain, pretrain_config(settings, out), out / "pretrain" / "model" / "model.safetensors"):
+    if not run_stage(pretrain, pretrain_config(settings, out), out / "pretrain" / "model" / WEIGHTS_FILE):
         print("      reusing the finished pretraining run")
     timings["pretrain_s"] = time.perf_counter() - start_time
 

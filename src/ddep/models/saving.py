@@ -46,15 +46,19 @@ def model_from_state(config: dict, state: dict[str, torch.Tensor], source: str) 
     return model
 
 
+def model_file(path: str | os.PathLike) -> Path:
+    """The weights file of an exported model folder; any other path as it is."""
+    path = Path(path)
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
 def load_model(path: str | os.PathLike) -> SegmentationModel:
     """Load an exported model folder (or its .safetensors file), or a ddep checkpoint (.pt).
 
     Checkpoints are read with ``torch.load(weights_only=True)``: a file that needs arbitrary
     pickled objects is refused with a clear message instead of being executed.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
+    path = model_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
     if path.suffix == ".safetensors":
