@@ -193,9 +193,10 @@ class Trainer:
         """Accumulate ``loss``; every ``grad_accum`` micro-batches take an optimizer step.
 
         Returns True when a step was taken (``self.step`` counts them)."""
-        if not torch.isfinite(loss):
+        value = loss.item()  # one device sync per micro-batch, for the check and the log
+        if not math.isfinite(value):
             raise FloatingPointError(
-                f"{self.stage}: loss is {loss.item()} at step {self.step + 1}; the last good checkpoint is "
+                f"{self.stage}: loss is {value} at step {self.step + 1}; the last good checkpoint is "
                 f"{self.run_dir / 'checkpoints' / 'last.pt'} (try a lower optim.lr or optim.clip_grad_norm)"
             )
         self._micro += 1
@@ -203,7 +204,7 @@ class Trainer:
         sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
         with sync:
             (loss / self.accum).backward()
-        self._loss_sum += loss.item()
+        self._loss_sum += value
         self._loss_count += 1
         self._images += self.batch_size * self.dist.world_size
         if not boundary:
