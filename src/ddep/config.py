@@ -125,12 +125,12 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
         expected = NULLABLE_TYPES.get(key)
         if expected is None:
             return value
-        default = expected() if isinstance(expected, type) else expected[0]()
         if isinstance(expected, tuple):
             if not isinstance(value, expected) or isinstance(value, bool):
                 names = " or ".join(t.__name__ for t in expected)
                 raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
             return value
+        default = expected()
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):

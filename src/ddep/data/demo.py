@@ -35,9 +35,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import ToTensor
-
-IGNORE_INDEX = 255
+from .transforms import IGNORE_INDEX, ToTensor
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ class LabeledSubset(Dataset):
 
     def __init__(self, dataset, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
-        self.pairs = [dataset.pairs[i] for i in self.indices]
+        pairs = dataset.pairs  # may be built on each access (the demo data's are)
+        self.pairs = [pairs[i] for i in self.indices]
         self.classes, self.num_classes = dataset.classes, dataset.num_classes
 
     @property
