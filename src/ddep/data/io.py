@@ -74,12 +74,9 @@ def rgb_to_ids(rgb: np.ndarray, palette: Sequence[Sequence[int]], path: str | os
     """Map each palette colour to its index; unknown colours are an error that lists them."""
     codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     lut = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(palette)}
-    ids = np.full(codes.shape, 255, dtype=np.uint8)
-    found = np.unique(codes)
+    found, inverse = np.unique(codes, return_inverse=True)
     unknown = [c for c in found.tolist() if c not in lut]
     if unknown:
         shown = ", ".join(f"({c >> 16}, {(c >> 8) & 255}, {c & 255})" for c in unknown[:5])
         raise DataError(f"{path}: mask colours not in the palette: {shown}")
-    for code in found.tolist():
-        ids[codes == code] = lut[code]
-    return ids
+    return np.array([lut[c] for c in found.tolist()], dtype=np.uint8)[inverse].reshape(codes.shape)

@@ -41,7 +41,7 @@ def label_lut(id_map: dict[int, int] | None = None, reduce_zero_label: bool = Fa
             lut[source] = target
     if reduce_zero_label:
         lut = np.where(lut == 0, IGNORE_INDEX, np.where(lut == IGNORE_INDEX, IGNORE_INDEX, lut - 1))
-    return lut
+    return lut.astype(np.uint8)  # masks come out as uint8, as the PIL images they become
 
 
 def read_split_file(split_file: str | os.PathLike, root: Path) -> list[Pair]:
@@ -121,7 +121,7 @@ class SegmentationDataset(Dataset):
                 f"{self.root / image_rel} is {image.width}x{image.height}"
             )
         self.check_labels(mask, self.root / mask_rel)
-        sample = {"image": image, "mask": Image.fromarray(mask.astype(np.uint8)), "name": image_rel}
+        sample = {"image": image, "mask": Image.fromarray(mask.astype(np.uint8, copy=False)), "name": image_rel}
         return self.transform(sample)
 
 
