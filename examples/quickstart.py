@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from skimage import data, filters
 
 import ddep
-from ddep.noise import corrupt, denoising_loss, sample_gamma, to_model_input
+from ddep.noise import corrupt, denoising_loss, estimate_clean, sample_gamma, to_model_input
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "camera")
 
@@ -56,7 +56,7 @@ def pretrain_decoder(model, photos, steps, size, generator) -> None:
         optimizer.step()
         if step % max(1, steps // 6) == 0 or step == 1:
             with torch.no_grad():
-                x_hat = (x_noisy - (1 - gamma) ** 0.5 * eps_hat) / gamma**0.5
+                x_hat = estimate_clean(x_noisy, eps_hat, torch.full((x.shape[0],), gamma))
                 noisy_err = F.mse_loss(x_noisy / gamma**0.5, x).item()
                 denoised_err = F.mse_loss(x_hat, x).item()
             print(

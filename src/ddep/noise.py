@@ -85,7 +85,7 @@ def corrupt(
         raise ValueError("noise_level='ddpm' reaches gamma = 0 (infinite sigma): use noise_type='scaled'")
     if gamma is None:
         gamma = sample_gamma(x.shape[0], noise_level, noise_std, noise_std_range, gamma_min, generator, x.device)
-    gamma = gamma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    gamma = _per_example(gamma, x)
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if noise_type == "scaled":
         x_noisy = gamma.sqrt() * x + (1 - gamma).sqrt() * eps
@@ -94,13 +94,18 @@ def corrupt(
     return x_noisy, (eps if target == "noise" else x)
 
 
+def _per_example(gamma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``gamma`` (B,) shaped to broadcast over ``x`` (B x C x H x W)."""
+    return gamma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
 def estimate_clean(
     x_noisy: torch.Tensor, prediction: torch.Tensor, gamma: torch.Tensor, noise_type: str = "scaled", target: str = "noise"
 ) -> torch.Tensor:
     """The clean image implied by the decoder's prediction: the corruption solved for x."""
     if target == "image":
         return prediction
-    g = gamma.to(x_noisy.dtype).view(-1, *([1] * (x_noisy.dim() - 1)))
+    g = _per_example(gamma, x_noisy)
     if noise_type == "scaled":
         return (x_noisy - (1 - g).sqrt() * prediction) / g.sqrt()
     return x_noisy - ((1 - g) / g).sqrt() * prediction
