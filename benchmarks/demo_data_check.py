@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ast
 import os
-import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 import ddep
 from ddep.data import demo
 from ddep.data.demo import CLASSES, DemoDataset
+from ddep.experiments.report import markdown_table
 from ddep.metrics import SegMetric
 
 IGNORE = 255
@@ -133,18 +133,16 @@ def main() -> None:
     t_start = time.time()
 
     print(f"demo data: {len(CLASSES)} classes {CLASSES}, {args.size}x{args.size} px, scene {demo._SCENE}")
-    timings = {}
+    pools = {}
     for split, n in (("unlabeled", args.unlabeled), ("train", args.train_pool), ("val", args.val)):
-        if n == 0:
-            continue
         t = time.time()
-        ds = DemoDataset(split, size=args.size, num_images=n)
+        pools[split] = DemoDataset(split, size=args.size, num_images=n)  # keeps the scenes it generates
         for i in range(n):
-            ds[i]
-        timings[split] = (n, time.time() - t)
-        print(f"  generate {split:9s}: {n:5d} images in {timings[split][1]:5.1f} s")
-    pool_x, pool_y = stack(DemoDataset("train", size=args.size, num_images=args.train_pool), range(args.train_pool))
-    val_x, val_y = stack(DemoDataset("val", size=args.size, num_images=args.val), range(args.val))
+            pools[split][i]
+        if n:
+            print(f"  generate {split:9s}: {n:5d} images in {time.time() - t:5.1f} s")
+    pool_x, pool_y = stack(pools["train"], range(args.train_pool))
+    val_x, val_y = stack(pools["val"], range(args.val))
     freq = torch.bincount(val_y.flatten(), minlength=len(CLASSES)).double()
     print("  val pixel share per class: " + ", ".join(f"{c} {f:.0%}" for c, f in zip(CLASSES, freq / freq.sum())))
     print(
@@ -152,26 +150,18 @@ def main() -> None:
         f"wd {args.wd}, random resized crop (area >= {args.min_scale}) + flip; val {args.val} images"
     )
 
-    results: dict[tuple[int, str], list[float]] = {}
+    results: dict[str, dict[str, list[float]]] = {enc: {str(n): [] for n in args.labels} for enc in args.encoders}
     for n_labels in args.labels:
         for enc in args.encoders:
             for seed in args.seeds:
                 t = time.time()
                 m = run(pool_x, pool_y, val_x, val_y, n_labels, "efficientnet-lite0" if enc == "imagenet" else None, seed, args)
-                results.setdefault((n_labels, enc), []).append(m)
+                results[enc][str(n_labels)].append(m)
                 print(f"  labels {n_labels:3d}  encoder {enc:8s}  seed {seed}  mIoU {m:5.1f}  ({time.time() - t:.0f} s)", flush=True)
 
-    print(f"\n| labels | {' | '.join(args.encoders)} | difference |")
-    print("|---:|" + "---:|" * (len(args.encoders) + 1))
-    for n_labels in args.labels:
-        cells, means = [], []
-        for enc in args.encoders:
-            v = results[(n_labels, enc)]
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}")
-            means.append(statistics.mean(v))
-        diff = f"{means[0] - means[1]:+.1f}" if len(means) == 2 else ""
-        print(f"| {n_labels} | {' | '.join(cells)} | {diff} |")
+    baseline = "random" if len(args.encoders) == 2 and "random" in args.encoders else None
+    print()
+    print(markdown_table(results, [str(n) for n in args.labels], "labels", baseline=baseline), end="")
     print(f"\n(mIoU %, mean ± std over seeds {args.seeds}; total {time.time() - t_start:.0f} s)")
 
 
