@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..atomic import write_atomic, write_text_atomic
-
 from .registry import build_model
 from .segmenter import SegmentationModel
 
@@ -21,7 +20,6 @@ CONFIG_FILE = "config.json"
 def save_model(model: SegmentationModel, directory: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = dict(model.config, encoder_weights=None)  # the weights are in the file itself
     write_atomic(directory / WEIGHTS_FILE, lambda f: f.write(safetensors_bytes(state)))
