@@ -96,6 +96,20 @@ def test_unlabeled_items_have_no_mask():
     assert item["image"].shape == (3, ds.size, ds.size)
 
 
+def test_generic_photos_are_unlabeled_crops_from_outside_the_class_sources():
+    from ddep.data.demo import _CLASS_SOURCES, _GENERIC_PHOTOS, make_photo
+
+    assert not {s.photo for sources in _CLASS_SOURCES.values() for s in sources} & set(_GENERIC_PHOTOS)
+    ds = DemoDataset("photos", size=48, num_images=3)
+    item = ds[2]
+    assert set(item) == {"image", "name"} and item["name"] == "demo/photos/seed0/48px/00002"
+    assert item["image"].shape == (3, 48, 48)
+    assert np.array_equal(make_photo(0, 2, 48), ds.arrays(2)[0]) and ds.arrays(2)[1] is None
+    photos = [make_photo(0, i, 48) for i in range(40)]
+    assert len({p.tobytes() for p in photos}) == 40 and all(p.dtype == np.uint8 and p.shape == (48, 48, 3) for p in photos)
+    assert digest(DemoDataset("photos", size=48, num_images=3), [0, 1]) != digest(DemoDataset("unlabeled", size=48), [0, 1])
+
+
 def test_num_images_respected_and_index_bounds():
     assert len(DemoDataset("unlabeled", num_images=17)) == 17
     assert len(DemoDataset("val", num_images=5)) == 5

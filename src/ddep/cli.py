@@ -80,6 +80,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """One of the paper's studies: a grid of pretraining and fine-tuning runs, a table and a plot."""
+    from .experiments.study import describe, list_studies, load_study, run_study, study_path
+
+    if args.list or not args.name:
+        for scale in ("demo", "paper"):
+            print(f"{scale} scale: {', '.join(list_studies(scale))}")
+        return 0 if args.list else 2
+    study = load_study(study_path(args.name, args.scale), args.out, args.overrides, args.seeds)
+    if args.dry_run:
+        print(describe(study))
+    else:
+        run_study(study, args.out)
+    return 0
+
+
 RUN_COMMANDS = {
     "pretrain": "denoising pretraining of the decoder (DDeP) or the whole model (DeP)",
     "finetune": "fine-tune on labeled images from a pretraining checkpoint, an encoder, or scratch",
@@ -100,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a 1-minute version: fewer labels, seeds and steps")
     demo.add_argument("--fresh", action="store_true", help="rerun everything instead of reusing finished runs")
     demo.set_defaults(run=cmd_demo)
+    experiment = commands.add_parser(
+        "experiment", help="run one of the paper's studies (a grid of runs) and write its table and plot",
+        description="Run one of the paper's studies: every pretraining and fine-tuning run it needs (finished runs are "
+                    "reused, interrupted ones resume), then a table (markdown, CSV) and a plot of mIoU, mean ± std over seeds.")
+    experiment.add_argument("name", nargs="?", help="a study (see --list) or a study file NAME.yaml")
+    experiment.add_argument("--scale", default="demo", help="demo (built-in data, a CPU) or paper (real datasets; pass their roots)")
+    experiment.add_argument("--out", default="runs/experiments", help="output folder (default: runs/experiments)")
+    experiment.add_argument("--seeds", type=comma_ints, help="comma-separated seeds, instead of the study's")
+    experiment.add_argument("--dry-run", action="store_true", help="print the runs the study needs and stop")
+    experiment.add_argument("--list", action="store_true", help="list the studies")
+    experiment.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                            help="overrides of every run, e.g. pretrain.data.root=/data/in21k finetune.data.root=/data/cityscapes")
+    experiment.set_defaults(run=cmd_experiment)
     models = commands.add_parser("models", help="list architectures, their options and offline encoder weights")
     models.set_defaults(run=cmd_models)
     splits = commands.add_parser("splits", help="write label-fraction split files (nested, seeded)")
@@ -127,7 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come after options (``NAME --scale paper a.b=1``), which argparse
+    # alone does not allow for a second positional list.
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not hasattr(args, "overrides") or any(r.startswith("-") or "=" not in r for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides += rest
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

@@ -22,7 +22,10 @@ and brightness. Recognising the classes therefore takes texture, which is what a
 encoder brings and a randomly initialised one must learn from the few labels.
 
 Splits: ``unlabeled`` (pretraining pool, 1000 images by default), ``train`` (the labeled pool,
-200) and ``val`` (the fixed validation set, 200). Every scene depends only on (seed, split,
+200) and ``val`` (the fixed validation set, 200). ``photos`` is a second, generic unlabeled pool
+(1000): square crops of other photos (an astronaut, coffee, a rocket, a motorcycle, the Hubble deep
+field, a retina, a camera man, the moon, a clock, a page of text, cells), none of the classes'
+sources, for the pretraining-data study (the paper pretrained on generic ImageNet-21k images). Every scene depends only on (seed, split,
 index); ``val`` crops come from the last quarter of each photo (along its longer side) and the
 other splits from the rest, so validation pixels are never seen in training.
 """
@@ -54,9 +57,11 @@ _CLASS_SOURCES: dict[str, tuple[_Source, ...]] = {
     "coins": (_Source("coins"),),
 }
 CLASSES: tuple[str, ...] = tuple(_CLASS_SOURCES)
-SPLITS = ("unlabeled", "train", "val")
-_SPLIT_IDS = {"unlabeled": 0, "train": 1, "val": 2}
-DEFAULT_NUM_IMAGES = {"unlabeled": 1000, "train": 200, "val": 200}
+_GENERIC_PHOTOS = ("astronaut", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field", "retina", "camera", "moon",
+                   "clock", "page", "cell")
+SPLITS = ("unlabeled", "train", "val", "photos")
+_SPLIT_IDS = {"unlabeled": 0, "train": 1, "val": 2, "photos": 3}
+DEFAULT_NUM_IMAGES = {"unlabeled": 1000, "train": 200, "val": 200, "photos": 1000}
 VAL_FRACTION = 0.25
 
 
@@ -64,7 +69,8 @@ VAL_FRACTION = 0.25
 def _photo(name: str) -> Image.Image:
     from skimage import data
 
-    array = np.asarray(getattr(data, name)())
+    array = getattr(data, name)()
+    array = np.asarray(array[0] if isinstance(array, tuple) else array)  # stereo_motorcycle: (left, right, disparity)
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     return Image.fromarray(np.ascontiguousarray(array[..., :3]).astype(np.uint8))
@@ -162,8 +168,23 @@ def make_scene(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray
     return image, mask
 
 
+def make_photo(seed: int, index: int, size: int) -> np.ndarray:
+    """A generic unlabeled image: a random square crop (a quarter to all of the short side) of a
+    random photo from outside the classes' sources, flipped at random."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS["photos"], index]))
+    photo = _photo(_GENERIC_PHOTOS[int(rng.integers(len(_GENERIC_PHOTOS)))])
+    w, h = photo.size
+    side = int(min(w, h) * rng.uniform(0.25, 1.0))
+    left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    crop = photo.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(crop)
+
+
 class DemoDataset(Dataset):
-    """The demo scenes as a dataset of ``{"image", "mask", "name"}`` items (no mask for ``unlabeled``).
+    """The demo scenes as a dataset of ``{"image", "mask", "name"}`` items (no mask for ``unlabeled``
+    and ``photos``).
 
     Scenes are generated on first access and kept in memory (a 64 px scene takes about a
     millisecond). ``pairs`` names each item, so splits and hashes work as for files on disk.
@@ -188,9 +209,12 @@ class DemoDataset(Dataset):
     def name(self, index: int) -> str:
         return f"demo/{self.split}/seed{self.seed}/{self.size}px/{index:05d}"
 
-    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         if index not in self._cache:
-            self._cache[index] = make_scene(self.seed, self.split, index, self.size)
+            if self.split == "photos":
+                self._cache[index] = make_photo(self.seed, index, self.size), None
+            else:
+                self._cache[index] = make_scene(self.seed, self.split, index, self.size)
         return self._cache[index]
 
     def __getitem__(self, index: int) -> dict:
@@ -198,6 +222,6 @@ class DemoDataset(Dataset):
             raise IndexError(f"demo {self.split} has {self.num_images} images; index {index} is out of range")
         image, mask = self.arrays(index)
         item = {"image": Image.fromarray(image), "name": self.name(index)}
-        if self.split != "unlabeled":
+        if mask is not None and self.split != "unlabeled":
             item["mask"] = Image.fromarray(mask)
         return self.transform(item)

@@ -1,0 +1,266 @@
+"""``ddep experiment NAME``: one of the paper's studies as a grid of pretraining and fine-tuning runs.
+
+A study file (``configs/experiments/<scale>/NAME.yaml``) names a base pretraining config and a
+base fine-tuning config, the seeds, an *axis* (the table's rows, the plot's x) and *variants*
+(the table's columns, the plot's lines). Every axis value and variant is a set of dotted
+overrides of the pretraining (``pretrain.KEY``) or fine-tuning (``finetune.KEY``) config;
+``pretrain: false`` means no pretraining (fine-tune from ``model.encoder_weights`` with a random
+decoder). Overrides apply in this order, the last winning: the study's ``overrides``, the command
+line's ``KEY=VALUE`` (data roots, devices, batch sizes), the axis value, the variant: the command
+line cannot silently change what the study compares. A cell is a variant at an axis value; it is fine-tuned once per seed (``seed`` and
+``data.labeled_seed``), from one pretraining run shared by its seeds.
+
+Runs are content-addressed: a run's folder is named by a hash of its resolved config, so a run
+that several cells or studies share (the baseline, the default pretraining) is made once, a
+finished run is skipped, an interrupted one resumes from its last checkpoint, and a changed
+config never reuses an old run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..atomic import write_text_atomic
+from ..config import ConfigError, load_config, parse_key_value
+from ..engine.finetune import finetune
+from ..engine.pretrain import pretrain
+from ..models.saving import WEIGHTS_FILE
+from .demo import machine, run_stage
+from .report import csv_text, markdown_table, plot, text_table
+
+log = logging.getLogger(__name__)
+STUDY_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"  # in a source checkout
+SCALES = ("demo", "paper")
+STAGES = ("pretrain", "finetune")
+#: Keys that do not change what a run computes, left out of its hash.
+UNHASHED = ("name", "out_dir", "progress", "log_every")
+
+
+@dataclass
+class Cell:
+    """A variant at an axis value: its pretraining config (None: no pretraining) and one
+    fine-tuning config per seed."""
+
+    variant: str
+    value: str
+    pretrain: dict[str, Any] | None
+    finetunes: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Study:
+    name: str
+    title: str
+    description: str
+    axis: str
+    values: list[str]
+    variants: list[str]
+    seeds: list[int]
+    baseline: str | None
+    log_x: bool
+    cells: list[Cell]
+
+
+def study_path(name: str, scale: str = "demo") -> Path:
+    """A study file: ``name`` itself when it is a YAML file, else the named study at ``scale``."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"study file not found: {path}")
+        return path
+    if scale not in SCALES:
+        raise ConfigError(f"--scale must be one of {', '.join(SCALES)}; got {scale!r}")
+    path = STUDY_DIR / scale / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_studies(scale)) or f"none found in {STUDY_DIR / scale}"
+        raise ConfigError(f"unknown study {name!r} at {scale} scale (known: {known}); or pass a study file, NAME.yaml")
+    return path
+
+
+def list_studies(scale: str = "demo") -> list[str]:
+    return sorted(p.stem for p in (STUDY_DIR / scale).glob("*.yaml"))
+
+
+def run_hash(config: Mapping[str, Any]) -> str:
+    """Ten hex digits of the config's SHA-256, without the keys that do not change the result."""
+    kept = {k: v for k, v in config.items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _split(overrides: Mapping[str, Any], where: str) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Dotted ``pretrain.*`` / ``finetune.*`` overrides -> (pretraining on?, per-stage updates)."""
+    pretraining, updates = True, {stage: {} for stage in STAGES}
+    for key, value in overrides.items():
+        stage, _, rest = key.partition(".")
+        if key == "pretrain":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: 'pretrain' takes true or false (false: no pretraining); got {value!r}")
+            pretraining = value
+        elif stage in STAGES and rest:
+            node = updates[stage]
+            *parents, leaf = rest.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        else:
+            raise ConfigError(f"{where}: override keys start with pretrain. or finetune.; got {key!r}")
+    return pretraining, updates
+
+
+def _merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tree in trees:
+        for key, value in tree.items():
+            out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+def _mapping(spec: Mapping[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = spec.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: {key} must be a mapping; got {value!r}")
+    return dict(value)
+
+
+def _axis(spec: Mapping[str, Any], path: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """``axis: {name, key, values: [..]}`` or ``axis: {name, values: {label: {overrides}}}``."""
+    axis = spec.get("axis")
+    if not isinstance(axis, Mapping) or "name" not in axis or "values" not in axis:
+        raise ConfigError(f"{path}: axis must be a mapping with name and values")
+    values = axis["values"]
+    if "key" in axis:
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axis.values must be a non-empty list when axis.key is given")
+        return str(axis["name"]), {str(v): {axis["key"]: v} for v in values}
+    if not isinstance(values, Mapping) or not values:
+        raise ConfigError(f"{path}: axis.values must map labels to overrides (or give axis.key and a list)")
+    return str(axis["name"]), {str(k): dict(v or {}) for k, v in values.items()}
+
+
+def load_study(
+    path: str | Path, out: str | Path, overrides: Sequence[str] = (), seeds: Sequence[int] | None = None
+) -> Study:
+    """Resolve every run of a study file into checked configs, before any work starts."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{path}: expected a mapping")
+    unknown = set(spec) - {"title", "description", "pretrain", "finetune", "seeds", "overrides", "axis", "variants", "baseline", "log_x"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown study keys {sorted(unknown)}")
+    bases = {}
+    for stage in STAGES:
+        if not isinstance(spec.get(stage), str):
+            raise ConfigError(f"{path}: {stage} must name the base {stage} config file (relative to the study file)")
+        bases[stage] = path.parent / spec[stage]
+    seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
+    axis_name, axis_values = _axis(spec, path)
+    variants = _mapping(spec, "variants", path) or {"DDeP": {}}
+    baseline = spec.get("baseline")
+    if baseline is not None and baseline not in variants:
+        raise ConfigError(f"{path}: baseline {baseline!r} is not one of the variants {list(variants)}")
+    command_line = dict(parse_key_value(text) for text in overrides)
+    out = Path(out)
+    cells, shadowed = [], set()
+    for value, value_overrides in axis_values.items():
+        for variant, variant_overrides in variants.items():
+            where = f"{path} ({variant} at {axis_name}={value})"
+            cell_overrides = {**value_overrides, **(variant_overrides or {})}
+            shadowed.update(command_line.keys() & cell_overrides.keys())
+            merged = {**_mapping(spec, "overrides", path), **command_line, **cell_overrides}
+            pretraining, updates = _split(merged, where)
+            cell = Cell(variant, value, None)
+            if pretraining:
+                cell.pretrain = _resolve("pretrain", bases["pretrain"], updates["pretrain"], out, where)
+            for seed in seeds:
+                extra = {"seed": seed, "data": {"labeled_seed": seed},
+                         "init": str(out / cell.pretrain["name"] / "model") if cell.pretrain else None}
+                cell.finetunes.append(_resolve("finetune", bases["finetune"], _merge(updates["finetune"], extra), out, where))
+            cells.append(cell)
+    for key in sorted(shadowed):
+        log.warning("%s: the study sets %s in some cells, replacing the command line's %s=%r there", path, key, key, command_line[key])
+    return Study(path.stem, spec.get("title", path.stem), spec.get("description", ""), axis_name, list(axis_values),
+                 list(variants), seeds, baseline, bool(spec.get("log_x", False)), cells)
+
+
+def _resolve(command: str, base: Path, updates: dict[str, Any], out: Path, where: str) -> dict[str, Any]:
+    try:
+        config = load_config(command, base, updates=updates)
+    except ConfigError as e:
+        raise ConfigError(f"{where}, {command} config: {e}") from None
+    data = config["data"]
+    if data["dataset"] != "demo" and data["root"] is None:
+        raise ConfigError(f"{where}: {command}.data.root is not set for dataset {data['dataset']!r}; pass {command}.data.root=DIR")
+    config["out_dir"] = str(out)
+    config["name"] = f"runs/{command}-{run_hash(config)}"
+    return config
+
+
+def run_study(study: Study, out: str | Path) -> dict[str, Any]:
+    """Make every run that is missing, then write results.json, results.csv, table.md and plot.png
+    to ``out/<study name>/``."""
+    out = Path(out)
+    start = time.perf_counter()
+    pretrains = {c.pretrain["name"]: c.pretrain for c in study.cells if c.pretrain}
+    finetunes = {f["name"]: f for c in study.cells for f in c.finetunes}
+    print(f"{study.title}: {len(study.cells)} cells ({len(study.values)} {study.axis} x {len(study.variants)} variants) "
+          f"x {len(study.seeds)} seeds; {len(pretrains)} pretraining and {len(finetunes)} fine-tuning runs in {out / 'runs'}")
+    for i, (name, config) in enumerate(pretrains.items(), 1):
+        done = not run_stage(pretrain, config, out / name / "model" / WEIGHTS_FILE)
+        print(f"  pretraining {i}/{len(pretrains)}  {name}" + ("  (reused)" if done else ""))
+    results: dict[str, dict[str, list[float]]] = {v: {value: [] for value in study.values} for v in study.variants}
+    runs: dict[str, dict[str, list[str]]] = {v: {value: [] for value in study.values} for v in study.variants}
+    count = 0
+    for cell in study.cells:
+        for config in cell.finetunes:
+            count += 1
+            metrics = out / config["name"] / "metrics.json"
+            reused = not run_stage(finetune, config, metrics)
+            miou = json.loads(metrics.read_text())["mIoU"]
+            results[cell.variant][cell.value].append(miou)
+            runs[cell.variant][cell.value].append(config["name"])
+            print(f"  fine-tuning {count}/{len(study.cells) * len(study.seeds)}  {cell.variant} at {study.axis}={cell.value}, "
+                  f"seed {config['seed']}: mIoU {miou:.1f}" + ("  (reused)" if reused else ""))
+    record = {"study": study.name, "title": study.title, "axis": study.axis, "values": study.values,
+              "variants": study.variants, "seeds": study.seeds, "results": results, "runs": runs,
+              "machine": machine(), "seconds": round(time.perf_counter() - start, 1)}
+    write_study_report(study, out / study.name, record)
+    print()
+    print(text_table(results, study.values, study.axis, study.baseline))
+    print(f"mIoU (%), mean ± std over {len(study.seeds)} seed(s). Written to {out / study.name}/: "
+          "results.json, results.csv, table.md, plot.png")
+    return record
+
+
+def write_study_report(study: Study, folder: Path, record: dict[str, Any]) -> None:
+    results = record["results"]
+    folder.mkdir(parents=True, exist_ok=True)
+    plot(results, study.values, folder / "plot.png", study.axis, study.title, log_x=study.log_x)
+    write_text_atomic(folder / "results.csv", csv_text(results, study.values, study.axis))
+    lines = [f"# {study.title}", "", study.description.strip(), "",
+             markdown_table(results, study.values, study.axis, study.baseline),
+             f"mIoU (%), mean ± std over seeds {', '.join(map(str, study.seeds))}. Machine: {record['machine']}.", "",
+             "![plot](plot.png)", ""]
+    write_text_atomic(folder / "table.md", "\n".join(lines))
+    write_text_atomic(folder / "results.json", json.dumps(record, indent=2))
+
+
+def describe(study: Study) -> str:
+    """The plan: every cell and the runs it needs, for ``--dry-run``."""
+    lines = [f"{study.title} ({study.name}): {study.axis} x variant, seeds {study.seeds}"]
+    for cell in study.cells:
+        source = cell.pretrain["name"] if cell.pretrain else "no pretraining"
+        lines.append(f"  {cell.variant:<28s} {study.axis}={cell.value:<12s} {source}  ->  "
+                     + ", ".join(f["name"] for f in cell.finetunes))
+    return "\n".join(lines)
