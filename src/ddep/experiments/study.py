@@ -259,8 +259,9 @@ def write_study_report(study: Study, folder: Path, record: dict[str, Any]) -> No
 def describe(study: Study) -> str:
     """The plan: every cell and the runs it needs, for ``--dry-run``."""
     lines = [f"{study.title} ({study.name}): {study.axis} x variant, seeds {study.seeds}"]
+    width_variant, width_value = max(map(len, study.variants)), max(map(len, study.values))
     for cell in study.cells:
         source = cell.pretrain["name"] if cell.pretrain else "no pretraining"
-        lines.append(f"  {cell.variant:<28s} {study.axis}={cell.value:<12s} {source}  ->  "
+        lines.append(f"  {cell.variant:<{width_variant}s}  {study.axis}={cell.value:<{width_value}s}  {source:<24s} ->  "
                      + ", ".join(f["name"] for f in cell.finetunes))
     return "\n".join(lines)
