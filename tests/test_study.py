@@ -98,6 +98,7 @@ def write_study(folder: Path, **changes) -> Path:
     ({"baseline": "random"}, "baseline 'random' is not one of the variants"),
     ({"axis": {"name": "sigma"}}, "axis must be a mapping with name and values"),
     ({"sedes": [0]}, "unknown study keys ['sedes']"),
+    ({"variants": {"random decoder": {}, "DDeP": "sigma=0.1"}}, "variant 'DDeP' must be a mapping; got 'sigma=0.1'"),
     ({"finetune": None}, "finetune must name the base finetune config file"),
 ])
 def test_bad_study_files_are_refused_with_a_message_that_names_the_file(tmp_path, changes, message):

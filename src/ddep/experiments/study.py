@@ -123,10 +123,11 @@ def _merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _mapping(spec: Mapping[str, Any], key: str, path: Path) -> dict[str, Any]:
-    value = spec.get(key) or {}
+def _mapping(value: Any, what: str, path: Path) -> dict[str, Any]:
+    """A mapping from the study file (None reads as empty), or an error naming ``what``."""
+    value = value or {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{path}: {key} must be a mapping; got {value!r}")
+        raise ConfigError(f"{path}: {what} must be a mapping; got {value!r}")
     return dict(value)
 
 
@@ -142,7 +143,7 @@ def _axis(spec: Mapping[str, Any], path: Path) -> tuple[str, dict[str, dict[str,
         return str(axis["name"]), {str(v): {axis["key"]: v} for v in values}
     if not isinstance(values, Mapping) or not values:
         raise ConfigError(f"{path}: axis.values must map labels to overrides (or give axis.key and a list)")
-    return str(axis["name"]), {str(k): dict(v or {}) for k, v in values.items()}
+    return str(axis["name"]), {str(k): _mapping(v, f"axis value {k!r}", path) for k, v in values.items()}
 
 
 def load_study(
@@ -166,19 +167,21 @@ def load_study(
         bases[stage] = path.parent / spec[stage]
     seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
     axis_name, axis_values = _axis(spec, path)
-    variants = _mapping(spec, "variants", path) or {"DDeP": {}}
+    variants = {str(k): _mapping(v, f"variant {k!r}", path) for k, v in _mapping(spec.get("variants"), "variants", path).items()}
+    variants = variants or {"DDeP": {}}
     baseline = spec.get("baseline")
     if baseline is not None and baseline not in variants:
         raise ConfigError(f"{path}: baseline {baseline!r} is not one of the variants {list(variants)}")
+    study_overrides = _mapping(spec.get("overrides"), "overrides", path)
     command_line = dict(parse_key_value(text) for text in overrides)
     out = Path(out)
     cells, shadowed = [], set()
     for value, value_overrides in axis_values.items():
         for variant, variant_overrides in variants.items():
             where = f"{path} ({variant} at {axis_name}={value})"
-            cell_overrides = {**value_overrides, **(variant_overrides or {})}
+            cell_overrides = {**value_overrides, **variant_overrides}
             shadowed.update(command_line.keys() & cell_overrides.keys())
-            merged = {**_mapping(spec, "overrides", path), **command_line, **cell_overrides}
+            merged = {**study_overrides, **command_line, **cell_overrides}
             pretraining, updates = _split(merged, where)
             cell = Cell(variant, value, None)
             if pretraining:
