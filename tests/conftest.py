@@ -6,6 +6,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import ddep  # noqa: E402
+import fake_data  # noqa: E402
 
 TINY_TRANSUNET = dict(depth=1, embed_dim=64, num_heads=2, resnet_layers=(1, 1, 1), resnet_width=0.5)
 
@@ -20,3 +21,10 @@ def tiny_model(arch: str, **kwargs) -> ddep.SegmentationModel:
     if arch == "unet":
         return ddep.build_model("unet", kwargs.pop("encoder", "resnet18"), **kwargs)
     return ddep.build_model("transunet", **TINY_TRANSUNET, **kwargs)
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    """A folder dataset (fake_data.engine_tree) and a run folder, as the cwd."""
+    monkeypatch.chdir(tmp_path)
+    return fake_data.engine_tree(tmp_path)

@@ -8,6 +8,12 @@ from PIL import Image
 
 H, W = 32, 64
 
+# command-line settings for tiny runs on engine_tree(): UNet on ResNet-18, 32 px crops, 4 steps
+TINY = ["model.encoder=resnet18", "data.num_workers=0", "progress=false"]
+PRETRAIN = [*TINY, "data.crop_size=32", "data.batch_size=4", "steps=4", "log_every=1", "checkpoint_every=2", "image_every=2"]
+FINETUNE = [*TINY, "data.options={num_classes: 3}", "data.crop_size=32", "data.batch_size=4", "steps=4", "eval_every=2",
+            "log_every=1", "checkpoint_every=2"]
+
 
 def rgb(seed: int, size=(H, W)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
@@ -61,4 +67,16 @@ def folder(root: Path, count: int = 4, values=(0, 1, 2)) -> Path:
     for i in range(count):
         save(rgb(i), root / "images" / f"img{i}.jpg")
         save(mask(values), root / "masks" / f"img{i}.png")
+    return root
+
+
+def engine_tree(root: Path) -> Path:
+    """A folder dataset under ``root/data``: images/{train,val} (6 and 5 RGB images of 64 x 64)
+    and masks with classes 0, 1, 2 taken from the red channel."""
+    for split, count in (("train", 6), ("val", 5)):
+        for i in range(count):
+            image = rgb(i + 100 * (split == "val"), size=(64, 64))
+            save(image, root / "data/images" / split / f"{i}.png")
+            ids = np.asarray(image)[..., 0] // 86
+            save(Image.fromarray(ids.astype(np.uint8)), root / "data/masks" / split / f"{i}.png")
     return root

@@ -1,38 +1,19 @@
 """The three stages through the command line, on tiny models and data."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import fake_data
+from fake_data import FINETUNE, PRETRAIN, TINY
 from ddep.cli import main
 from ddep.engine import trainer as trainer_module
 from ddep.engine.checkpoint import load_checkpoint
 from ddep.models.saving import load_model
 
-TINY = ["model.encoder=resnet18", "data.num_workers=0", "progress=false"]
-PRETRAIN = [*TINY, "data.crop_size=32", "data.batch_size=4", "steps=4", "log_every=1", "checkpoint_every=2", "image_every=2"]
-FINETUNE = [*TINY, "data.options={num_classes: 3}", "data.crop_size=32", "data.batch_size=4", "steps=4", "eval_every=2", "log_every=1", "checkpoint_every=2"]
-
-
-@pytest.fixture
-def data(tmp_path, monkeypatch):
-    """A folder dataset (train 6, val 5 images of 64 x 64) and a run folder, as the cwd."""
-    monkeypatch.chdir(tmp_path)
-    for split, count in (("train", 6), ("val", 5)):
-        for i in range(count):
-            image = fake_data.rgb(i + 100 * (split == "val"), size=(64, 64))
-            fake_data.save(image, Path("data/images") / split / f"{i}.png")
-            ids = np.asarray(image)[..., 0] // 86  # classes 0, 1, 2 from the red channel
-            fake_data.save(Image.fromarray(ids.astype(np.uint8)), Path("data/masks") / split / f"{i}.png")
-    return tmp_path
 
 
 def run(*args):

@@ -169,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
-        print(f"ddep {args.command}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if type(e).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():
+            message = (f"out of {'GPU ' if 'CUDA' in message else ''}memory ({message.splitlines()[0][:160]}): try a "
+                       "smaller data.batch_size with a larger optim.grad_accum (the same images per step), or amp=bf16")
+        print(f"ddep {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

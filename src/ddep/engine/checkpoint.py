@@ -6,6 +6,7 @@ reads it and a file that needs anything else is refused.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -16,14 +17,29 @@ import torch
 from ..atomic import write_atomic
 
 
+log = logging.getLogger(__name__)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the file."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that holds pickled objects other than tensors: refused, never a fallback."""
+
+
+def previous_checkpoint(path: str | os.PathLike) -> Path:
+    """Where the checkpoint that ``path`` replaced is kept: ``last.pt`` -> ``last-previous.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-previous{path.suffix}")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, keep_previous: bool = False) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``:
-    a crash leaves either the old checkpoint or the new one, never half of one."""
-    write_atomic(path, lambda f: torch.save(state, f))
+    a crash leaves either the old checkpoint or the new one, never half of one. With
+    ``keep_previous`` the replaced one stays as :func:`previous_checkpoint`, the fallback if this
+    one is ever found damaged."""
+    write_atomic(path, lambda f: torch.save(state, f), previous_checkpoint(path) if keep_previous else None)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -34,9 +50,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: refused, it holds pickled objects other than tensors ({first[:200]})") from None
+        raise UnsafeCheckpointError(f"{path}: refused, it holds pickled objects other than tensors ({first[:200]})") from None
     except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many kinds of errors
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointError(f"{path}: not a ddep checkpoint (expected 'model' and 'model_config')")
     return state
+
+
+def load_resumable(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path]:
+    """``path``, or when it is missing, truncated or corrupt, the previous checkpoint it replaced
+    (with a warning); a checkpoint that holds pickled code is refused outright."""
+    path = Path(path)
+    problems = []
+    for candidate in (path, previous_checkpoint(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            return load_checkpoint(candidate, map_location), candidate
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as e:
+            problems.append(str(e))
+            log.warning("%s; trying the previous checkpoint", e)
+    raise CheckpointError("; ".join(problems) if problems else f"no checkpoint to resume from at {path}")

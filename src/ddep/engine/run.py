@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import save_config
+from .checkpoint import previous_checkpoint
 from .distributed import DistInfo, init_distributed, resolve_device
 
 
@@ -25,16 +26,32 @@ def last_checkpoint(config: dict[str, Any]) -> Path:
     return Path(config["out_dir"]) / config["name"] / "checkpoints" / "last.pt"
 
 
+def can_resume(config: dict[str, Any]) -> bool:
+    """Whether the run has a checkpoint to resume from (the last one, or the one before it)."""
+    last = last_checkpoint(config)
+    return last.is_file() or previous_checkpoint(last).is_file()
+
+
+def check_input_size(config: dict[str, Any]) -> None:
+    """TransUNet needs sides that are multiples of its 16-pixel patches: refuse other crops up front."""
+    arch = config["model"]["arch"] if not config.get("init") else None  # an init checkpoint brings its own
+    crop = config["data"].get("crop_size")
+    if arch == "transunet" and crop is not None and crop % 16:
+        raise ValueError(f"data.crop_size={crop}: TransUNet needs a multiple of 16 (its patch size), e.g. {-(-crop // 16) * 16}")
+
+
 def start_run(config: dict[str, Any], resume: bool = False, training: bool = True) -> Run:
     """Check the run folder before any work, seed everything, save the resolved config."""
     dist_info = init_distributed(config["device"])
     device = resolve_device(config["device"], dist_info)
     run_dir = Path(config["out_dir"]) / config["name"]
     last = last_checkpoint(config)
-    if training and resume and not last.is_file():
+    if training and resume and not can_resume(config):
         raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last}")
-    if training and not resume and last.is_file():
+    if training and not resume and can_resume(config):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or name=... for a new run")
+    if training:
+        check_input_size(config)
     if dist_info.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -44,6 +61,8 @@ def start_run(config: dict[str, Any], resume: bool = False, training: bool = Tru
         except OSError as e:
             raise PermissionError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
         save_config(config, run_dir / "config.yaml")
+        for stale in (run_dir / "checkpoints").glob(".*.tmp*"):  # left by a run killed while saving
+            stale.unlink()
     seed = config["seed"] + dist_info.rank
     random.seed(seed)
     torch.manual_seed(seed)

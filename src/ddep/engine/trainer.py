@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_resumable, save_checkpoint
 from .distributed import DistInfo, all_reduce_mean
 
 MIX = 0x9E3779B97F4A7C15
@@ -95,6 +96,18 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
+def check_free_space(run_dir: Path, model: nn.Module, trainable: list[nn.Parameter]) -> None:
+    """Refuse to start when the run folder's disk cannot hold the run's checkpoints: the last one,
+    the one before it and one being written (weights plus Adam's two moments), and the model."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
+    need = 3 * (weights + moments) + weights
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise OSError(f"the run folder {run_dir} has {free / 2**20:.0f} MiB free; this run's checkpoints need about "
+                      f"{need / 2**20:.0f} MiB (out_dir=... elsewhere, or free some space)")
+
+
 class Trainer:
     """Optimizer steps over a dataset, with everything a long run needs around them."""
 
@@ -126,6 +139,8 @@ class Trainer:
         if self.use_channels_last:
             model.to(memory_format=torch.channels_last)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if dist_info.is_main:
+            check_free_space(run_dir, model, self.params)
         self.optimizer = build_optimizer(self.params, optim, lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, optim["warmup_steps"], optim["min_lr_ratio"])
@@ -296,11 +311,12 @@ class Trainer:
     def save(self, name: str) -> Path:
         path = self.run_dir / "checkpoints" / name
         if self.dist.is_main:
-            save_checkpoint(self.state_dict(), path)
+            save_checkpoint(self.state_dict(), path, keep_previous=name == "last.pt")
         return path
 
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        """Resume from ``path``, or from the checkpoint before it if ``path`` is damaged."""
+        state, path = load_resumable(path, map_location=self.device)
         if state.get("stage") != self.stage:
             raise ValueError(f"{path}: a {state.get('stage')} checkpoint cannot resume a {self.stage} run")
         self.model.load_state_dict(state["model"])

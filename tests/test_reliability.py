@@ -1,0 +1,145 @@
+"""Crashes cost minutes, not runs: SIGKILL at random points, damaged and planted checkpoints."""
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fake_data import FINETUNE, PRETRAIN
+from ddep.cli import main
+from ddep.engine import trainer as trainer_module
+from ddep.engine.checkpoint import load_checkpoint, previous_checkpoint
+
+ARGS = {"pretrain": ["data.root=data/images", *PRETRAIN], "finetune": ["data.root=data", *FINETUNE]}
+
+
+def final_weights(name: str) -> dict:
+    return load_checkpoint(Path("runs") / name / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def interrupt_after(monkeypatch, stage: str, args: list[str], step: int) -> None:
+    original = trainer_module.Trainer._after_step
+
+    def crash(self):
+        original(self)
+        if self.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "_after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main([stage, *args])
+    monkeypatch.setattr(trainer_module.Trainer, "_after_step", original)
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(data, monkeypatch, caplog):
+    args = [*ARGS["pretrain"], "checkpoint_every=1"]
+    assert main(["pretrain", *args, "name=straight"]) == 0
+    interrupt_after(monkeypatch, "pretrain", [*args, "name=damaged"], step=3)
+    last = Path("runs/damaged/checkpoints/last.pt")
+    assert load_checkpoint(previous_checkpoint(last))["step"] == 2 and load_checkpoint(last)["step"] == 3
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated, as by a full disk
+
+    assert main(["pretrain", *args, "name=damaged", "--resume"]) == 0
+    assert f"{last}: unreadable or truncated checkpoint" in caplog.text and "trying the previous checkpoint" in caplog.text
+    assert_same_weights(final_weights("straight"), final_weights("damaged"))
+
+
+def test_resume_refuses_a_planted_pickle_even_with_a_previous_checkpoint(data, monkeypatch, capsys, tmp_path):
+    args = [*ARGS["pretrain"], "checkpoint_every=1"]
+    interrupt_after(monkeypatch, "pretrain", [*args, "name=planted"], step=2)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    last = Path("runs/planted/checkpoints/last.pt")
+    last.write_bytes(pickle.dumps({"model": Payload(), "model_config": {}}))
+    assert previous_checkpoint(last).is_file()
+    assert main(["pretrain", *args, "name=planted", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"{last}: refused, it holds pickled objects other than tensors" in err
+    assert not marker.exists()
+
+
+def kill_at_random_points(stage: str, args: list[str], kills: int, rng: random.Random) -> int:
+    """Start the run in a subprocess, SIGKILL it at a random moment once it has a checkpoint,
+    and resume, ``kills`` times; then let it finish. Returns how many kills hit a running process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "ddep", stage, *args]
+    checkpoints = Path("runs/killed/checkpoints")
+    hits = 0
+    for attempt in range(kills):
+        resume = ["--resume"] if checkpoints.exists() and any(checkpoints.glob("last*.pt")) else []
+        process = subprocess.Popen(command + resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started = time.monotonic()
+        seen = {p: p.stat().st_mtime_ns for p in checkpoints.glob("last*.pt")} if checkpoints.exists() else {}
+        while process.poll() is None and time.monotonic() - started < 120:  # wait for a new checkpoint
+            if checkpoints.exists() and any(p.stat().st_mtime_ns != seen.get(p) for p in checkpoints.glob("last*.pt")):
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            hits += 1
+        process.wait()
+    final = subprocess.run(command + ["--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert final.returncode == 0, final.stderr
+    return hits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(data, stage):
+    args = [*ARGS[stage], "steps=12", "checkpoint_every=1", "eval_every=4" if stage == "finetune" else "image_every=4",
+            "deterministic=true"]
+    assert main([stage, *args, "name=straight"]) == 0
+    hits = kill_at_random_points(stage, [*args, "name=killed"], kills=4, rng=random.Random(stage))
+    assert hits >= 3  # most kills land while the run works (the rest after it finished)
+    assert_same_weights(final_weights("straight"), final_weights("killed"))
+    assert not list(Path("runs/killed/checkpoints").glob(".*.tmp*"))  # no half-written files left behind
+    if stage == "finetune":
+        assert Path("runs/killed/metrics.json").is_file()
+
+
+def test_a_nearly_full_disk_is_refused_before_the_first_step(data, monkeypatch, capsys):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    assert main(["pretrain", *ARGS["pretrain"]]) == 1
+    err = capsys.readouterr().err
+    assert "the run folder runs/pretrain has 1 MiB free; this run's checkpoints need about" in err
+    assert not Path("runs/pretrain/checkpoints").exists()
+
+
+def test_out_of_memory_suggests_a_smaller_batch(data, monkeypatch, capsys):
+    from ddep.engine import pretrain as pretrain_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)")
+
+    monkeypatch.setattr(pretrain_module.Trainer, "backward", out_of_memory)
+    assert main(["pretrain", *ARGS["pretrain"]]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddep pretrain: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert err.endswith("try a smaller data.batch_size with a larger optim.grad_accum (the same images per step), or amp=bf16")
+    assert len(err.splitlines()) == 1
+
+
+def test_a_transunet_crop_that_is_not_a_multiple_of_16_is_refused_before_any_work(data, capsys):
+    assert main(["pretrain", "data.root=data/images", "model.arch=transunet", "data.crop_size=40"]) == 1
+    assert "data.crop_size=40: TransUNet needs a multiple of 16 (its patch size), e.g. 48" in capsys.readouterr().err
+    assert not Path("runs").exists()
