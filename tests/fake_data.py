@@ -1,4 +1,4 @@
-"""Tiny dataset trees in the real layouts (32 x 64 px PNG and JPEG files) for tests."""
+"""Tiny dataset trees in the real layouts (32 x 64 px PNG and JPEG files), and tiny runs on them, for tests."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -80,3 +80,23 @@ def engine_tree(root: Path) -> Path:
             ids = np.asarray(image)[..., 0] // 86
             save(Image.fromarray(ids.astype(np.uint8)), root / "data/masks" / split / f"{i}.png")
     return root
+
+
+def interrupt_after(monkeypatch, stage: str, args: list[str], step: int) -> None:
+    """Run ``ddep STAGE ARGS`` in this process and crash it (KeyboardInterrupt) right after ``step``."""
+    import pytest
+
+    from ddep.cli import main
+    from ddep.engine import trainer
+
+    original = trainer.Trainer._after_step
+
+    def crash(self):
+        original(self)
+        if self.step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Trainer, "_after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        main([stage, *args])
+    monkeypatch.setattr(trainer.Trainer, "_after_step", original)

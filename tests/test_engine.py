@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fake_data import FINETUNE, PRETRAIN, TINY
+from fake_data import FINETUNE, PRETRAIN, TINY, interrupt_after
 from ddep.cli import main
 from ddep.engine import trainer as trainer_module
 from ddep.engine.checkpoint import load_checkpoint
@@ -68,17 +68,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, monkeypatch
     args = ["data.root=data/images", *PRETRAIN] if stage == "pretrain" else ["data.root=data", *FINETUNE]
     run(stage, *args, "name=straight")
 
-    original = trainer_module.Trainer._after_step
-
-    def crash_after_step_2(self):
-        original(self)
-        if self.step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_module.Trainer, "_after_step", crash_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        main([stage, *args, "name=interrupted"])
-    monkeypatch.setattr(trainer_module.Trainer, "_after_step", original)
+    interrupt_after(monkeypatch, stage, [*args, "name=interrupted"], step=2)
     assert load_checkpoint("runs/interrupted/checkpoints/last.pt")["step"] == 2
     run(stage, *args, "name=interrupted", "--resume")
 

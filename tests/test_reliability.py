@@ -1,6 +1,5 @@
 """Crashes cost minutes, not runs: SIGKILL at random points, damaged and planted checkpoints."""
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fake_data import FINETUNE, PRETRAIN
+from fake_data import FINETUNE, PRETRAIN, interrupt_after
 from ddep.cli import main
 from ddep.engine import trainer as trainer_module
 from ddep.engine.checkpoint import load_checkpoint, previous_checkpoint
@@ -29,20 +28,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def interrupt_after(monkeypatch, stage: str, args: list[str], step: int) -> None:
-    original = trainer_module.Trainer._after_step
-
-    def crash(self):
-        original(self)
-        if self.step == step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer_module.Trainer, "_after_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        main([stage, *args])
-    monkeypatch.setattr(trainer_module.Trainer, "_after_step", original)
-
-
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(data, monkeypatch, caplog):
     args = [*ARGS["pretrain"], "checkpoint_every=1"]
     assert main(["pretrain", *args, "name=straight"]) == 0
@@ -52,8 +37,68 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(data, monkeypa
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated, as by a full disk
 
     assert main(["pretrain", *args, "name=damaged", "--resume"]) == 0
-    assert f"{last}: unreadable or truncated checkpoint" in caplog.text and "trying the previous checkpoint" in caplog.text
+    assert f"{last}: unreadable or truncated checkpoint" in caplog.text
+    assert "kept as last.pt.damaged, resuming from the previous checkpoint" in caplog.text
     assert_same_weights(final_weights("straight"), final_weights("damaged"))
+    assert last.with_name("last.pt.damaged").is_file()  # set aside, never rotated over a good checkpoint
+
+
+@pytest.mark.parametrize("damage", [b"\0" * 4096, b"PK\x03\x04" + bytes(range(256)) * 8, b"\x80\x04garbage"])
+def test_zeroed_or_garbage_checkpoints_are_damaged_not_unsafe(tmp_path, damage):
+    from ddep.engine.checkpoint import CheckpointError, UnsafeCheckpointError, load_resumable, save_checkpoint
+
+    last = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "model_config": {}, "step": 1}, last, keep_previous=True)
+    save_checkpoint({"model": {"w": torch.ones(2)}, "model_config": {}, "step": 2}, last, keep_previous=True)
+    last.write_bytes(damage)  # what a power loss or a bad disk leaves
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(last)
+    assert not isinstance(error.value, UnsafeCheckpointError) and "unreadable or truncated checkpoint" in str(error.value)
+    state, used = load_resumable(last)
+    assert (state["step"], used) == (1, previous_checkpoint(last))
+
+
+def test_keeping_the_previous_checkpoint_never_leaves_last_missing(tmp_path, monkeypatch):
+    from ddep.atomic import write_atomic
+
+    last, previous = tmp_path / "last.pt", tmp_path / "last-previous.pt"
+    write_atomic(last, lambda f: f.write(b"one"), previous)
+    write_atomic(last, lambda f: f.write(b"two"), previous)
+    assert (last.read_bytes(), previous.read_bytes()) == (b"two", b"one")
+
+    def crash(f):
+        f.write(b"thr")
+        raise KeyboardInterrupt  # killed while writing the third
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(last, crash, previous)
+    assert (last.read_bytes(), previous.read_bytes()) == (b"two", b"one")
+
+    renames = []
+    original = Path.replace
+
+    def crash_at_the_final_rename(self, target):
+        if Path(target) == last:
+            renames.append(self)
+            raise KeyboardInterrupt  # killed between keeping the previous and renaming the new
+        return original(self, target)
+
+    monkeypatch.setattr(Path, "replace", crash_at_the_final_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(last, lambda f: f.write(b"four"), previous)
+    monkeypatch.setattr(Path, "replace", original)
+    assert renames and (last.read_bytes(), previous.read_bytes()) == (b"two", b"two")
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_not_a_live_ones(tmp_path):
+    from ddep.engine.run import remove_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = tmp_path / f".last.pt.tmp{int(dead.stdout)}", tmp_path / f".last.pt.tmp{os.getpid()}"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"being written")
+    remove_stale_temporaries(tmp_path)
+    assert not stale.exists() and live.exists()
 
 
 def test_resume_refuses_a_planted_pickle_even_with_a_previous_checkpoint(data, monkeypatch, capsys, tmp_path):
@@ -66,12 +111,19 @@ def test_resume_refuses_a_planted_pickle_even_with_a_previous_checkpoint(data, m
             return (os.system, (f"touch {marker}",))
 
     last = Path("runs/planted/checkpoints/last.pt")
-    last.write_bytes(pickle.dumps({"model": Payload(), "model_config": {}}))
+    torch.save({"model": Payload(), "model_config": {}}, last)  # a checkpoint in torch's own format
     assert previous_checkpoint(last).is_file()
     assert main(["pretrain", *args, "name=planted", "--resume"]) == 1
     err = capsys.readouterr().err
     assert f"{last}: refused, it holds pickled objects other than tensors" in err
     assert not marker.exists()
+
+
+def mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def kill_at_random_points(stage: str, args: list[str], kills: int, rng: random.Random) -> int:
@@ -85,9 +137,9 @@ def kill_at_random_points(stage: str, args: list[str], kills: int, rng: random.R
         resume = ["--resume"] if checkpoints.exists() and any(checkpoints.glob("last*.pt")) else []
         process = subprocess.Popen(command + resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         started = time.monotonic()
-        seen = {p: p.stat().st_mtime_ns for p in checkpoints.glob("last*.pt")} if checkpoints.exists() else {}
+        seen = mtime(checkpoints / "last.pt")
         while process.poll() is None and time.monotonic() - started < 120:  # wait for a new checkpoint
-            if checkpoints.exists() and any(p.stat().st_mtime_ns != seen.get(p) for p in checkpoints.glob("last*.pt")):
+            if mtime(checkpoints / "last.pt") != seen:
                 break
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.6))

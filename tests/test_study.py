@@ -80,6 +80,11 @@ def test_the_command_line_cannot_change_what_the_study_varies(tmp_path, caplog):
     study = load_study(study_path("noise-magnitude"), tmp_path, ["pretrain.noise.std=0.3"])
     assert [c.pretrain["noise"]["std"] for c in study.cells if c.pretrain] == [0.1, 0.2, 0.35, 0.5, 0.8]
     assert "the study sets pretrain.noise.std in some cells, replacing the command line's pretrain.noise.std=0.3" in caplog.text
+    # a whole section from the command line keeps what it sets that the study does not vary
+    study = load_study(study_path("noise-magnitude"), tmp_path, ["pretrain.noise={std: 0.3, type: simple}"])
+    noises = [c.pretrain["noise"] for c in study.cells if c.pretrain]
+    assert [n["std"] for n in noises] == [0.1, 0.2, 0.35, 0.5, 0.8] and {n["type"] for n in noises} == {"simple"}
+    assert "replacing the command line's pretrain.noise=" in caplog.text
 
 
 def write_study(folder: Path, **changes) -> Path:
@@ -100,6 +105,9 @@ def write_study(folder: Path, **changes) -> Path:
     ({"sedes": [0]}, "unknown study keys ['sedes']"),
     ({"variants": {"random decoder": {}, "DDeP": "sigma=0.1"}}, "variant 'DDeP' must be a mapping; got 'sigma=0.1'"),
     ({"finetune": None}, "finetune must name the base finetune config file"),
+    ({"seeds": 0}, "seeds must be a non-empty list of integers; got 0"),
+    ({"overrides": {"finetune.seed": 3}}, "finetune.seed is set by the study for each run (one run per seed: use seeds or --seeds)"),
+    ({"overrides": {"finetune.init": "x"}}, "finetune.init is set by the study for each run"),
 ])
 def test_bad_study_files_are_refused_with_a_message_that_names_the_file(tmp_path, changes, message):
     path = write_study(tmp_path, **changes)
@@ -107,6 +115,17 @@ def test_bad_study_files_are_refused_with_a_message_that_names_the_file(tmp_path
         load_study(path, tmp_path / "out")
     assert message in str(error.value) and str(path) in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_paper_label_efficiency_ends_with_every_label_and_warns_about_nothing(tmp_path, caplog):
+    from fractions import Fraction
+
+    from ddep.data.splits import parse_amount
+
+    study = load_study(study_path("label-efficiency", "paper"), tmp_path, ROOTS)
+    assert [parse_amount(v) for v in study.values] == [Fraction(1, 30), Fraction(1, 8), Fraction(1, 4), Fraction(1, 2), 1]
+    assert isinstance(parse_amount(study.values[-1]), Fraction)  # all the labels, not one image
+    assert "replacing the command line" not in caplog.text
 
 
 def test_paper_scale_studies_need_the_dataset_roots(tmp_path, capsys):

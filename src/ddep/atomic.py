@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -10,8 +11,9 @@ from typing import BinaryIO
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], keep_previous: str | os.PathLike | None = None) -> Path:
     """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
 
-    With ``keep_previous``, the file being replaced is first renamed there (a crash between the
-    two renames leaves the new file as the temporary one and the old one as ``keep_previous``)."""
+    With ``keep_previous``, the file being replaced is first linked (or copied) there, so that
+    ``path`` exists at every moment: a crash leaves the old file at ``path`` and ``keep_previous``,
+    or the new one at ``path`` and the old at ``keep_previous``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -20,9 +22,35 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], k
         f.flush()
         os.fsync(f.fileno())
     if keep_previous is not None and path.exists():
-        path.replace(keep_previous)
+        _link_or_copy(path, Path(keep_previous))
     tmp.replace(path)
+    _fsync_dir(path.parent)
     return path
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` the content of ``source``, atomically (through a temporary name)."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames themselves durable (where the OS allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

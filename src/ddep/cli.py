@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -88,6 +89,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         for scale in ("demo", "paper"):
             print(f"{scale} scale: {', '.join(list_studies(scale))}")
         return 0 if args.list else 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("ddep experiment does not run under torchrun yet: it makes its runs one after another in one process")
     study = load_study(study_path(args.name, args.scale), args.out, args.overrides, args.seeds)
     if args.dry_run:
         print(describe(study))
@@ -171,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         message = str(e)
         if type(e).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():
-            message = (f"out of {'GPU ' if 'CUDA' in message else ''}memory ({message.splitlines()[0][:160]}): try a "
+            message = (f"out of {'GPU ' if 'CUDA' in message else ''}memory ({(message.splitlines() or [''])[0][:160]}): try a "
                        "smaller data.batch_size with a larger optim.grad_accum (the same images per step), or amp=bf16")
         print(f"ddep {args.command}: error: {message}", file=sys.stderr)
         return 1

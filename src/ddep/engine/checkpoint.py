@@ -49,8 +49,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UnsafeCheckpointError(f"{path}: refused, it holds pickled objects other than tensors ({first[:200]})") from None
+        # torch names the global it refused; other unpickling errors are damaged bytes
+        refused = [line.strip() for line in str(e).splitlines() if "global" in line.lower()]
+        if refused:
+            raise UnsafeCheckpointError(f"{path}: refused, it holds pickled objects other than tensors ({refused[0][:200]})") from None
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint (UnpicklingError)") from None
     except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many kinds of errors
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
@@ -60,7 +63,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def load_resumable(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path]:
     """``path``, or when it is missing, truncated or corrupt, the previous checkpoint it replaced
-    (with a warning); a checkpoint that holds pickled code is refused outright."""
+    (with a warning; the damaged file is renamed ``*.damaged`` so that the next save cannot
+    rotate it over the good one); a checkpoint that holds pickled code is refused outright."""
     path = Path(path)
     problems = []
     for candidate in (path, previous_checkpoint(path)):
@@ -72,5 +76,7 @@ def load_resumable(path: str | os.PathLike, map_location: str | torch.device = "
             raise
         except CheckpointError as e:
             problems.append(str(e))
-            log.warning("%s; trying the previous checkpoint", e)
+            if candidate == path:
+                candidate.replace(candidate.with_name(candidate.name + ".damaged"))
+                log.warning("%s; kept as %s.damaged, resuming from the previous checkpoint", e, candidate.name)
     raise CheckpointError("; ".join(problems) if problems else f"no checkpoint to resume from at {path}")

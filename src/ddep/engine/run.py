@@ -32,6 +32,25 @@ def can_resume(config: dict[str, Any]) -> bool:
     return last.is_file() or previous_checkpoint(last).is_file()
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete ``.NAME.tmpPID`` files left by processes killed while saving (not a live one's)."""
+    for stale in folder.glob(".*.tmp*"):
+        pid = stale.name.rpartition(".tmp")[2]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_input_size(config: dict[str, Any]) -> None:
     """TransUNet needs sides that are multiples of its 16-pixel patches: refuse other crops up front."""
     arch = config["model"]["arch"] if not config.get("init") else None  # an init checkpoint brings its own
@@ -61,8 +80,7 @@ def start_run(config: dict[str, Any], resume: bool = False, training: bool = Tru
         except OSError as e:
             raise PermissionError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
         save_config(config, run_dir / "config.yaml")
-        for stale in (run_dir / "checkpoints").glob(".*.tmp*"):  # left by a run killed while saving
-            stale.unlink()
+        remove_stale_temporaries(run_dir / "checkpoints")
     seed = config["seed"] + dist_info.rank
     random.seed(seed)
     torch.manual_seed(seed)

@@ -98,7 +98,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
 
 def check_free_space(run_dir: Path, model: nn.Module, trainable: list[nn.Parameter]) -> None:
     """Refuse to start when the run folder's disk cannot hold the run's checkpoints: the last one,
-    the one before it and one being written (weights plus Adam's two moments), and the model."""
+    one being written and the best (weights plus Adam's two moments), and the exported model (the
+    previous checkpoint is a hard link where the file system has them)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
     need = 3 * (weights + moments) + weights
@@ -139,8 +140,7 @@ class Trainer:
         if self.use_channels_last:
             model.to(memory_format=torch.channels_last)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if dist_info.is_main:
-            check_free_space(run_dir, model, self.params)
+        check_free_space(run_dir, model, self.params)  # on every rank, so that none goes on alone
         self.optimizer = build_optimizer(self.params, optim, lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, optim["warmup_steps"], optim["min_lr_ratio"])

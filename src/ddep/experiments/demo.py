@@ -33,7 +33,7 @@ from ..engine.predict import palette
 from ..engine.pretrain import pretrain
 from ..engine.run import can_resume
 from ..inference import predict
-from ..models.saving import WEIGHTS_FILE, load_model
+from ..models.saving import CONFIG_FILE, load_model
 from .report import markdown_table, plot, text_table
 
 STARTS = {"random_decoder": "ImageNet encoder + random decoder", "ddep": "ImageNet encoder + DDeP decoder"}
@@ -129,7 +129,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = FULL, fresh
 
     print(f"[1/3] decoder denoising pretraining: frozen ImageNet {settings.encoder}, {settings.unlabeled_images} "
           f"unlabeled {settings.image_size}px images, {settings.pretrain_steps} steps")
-    if not run_stage(pretrain, pretrain_config(settings, out), out / "pretrain" / "model" / WEIGHTS_FILE):
+    if not run_stage(pretrain, pretrain_config(settings, out), out / "pretrain" / "model" / CONFIG_FILE):
         print("      reusing the finished pretraining run")
     timings["pretrain_s"] = time.perf_counter() - start_time
 

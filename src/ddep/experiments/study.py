@@ -17,6 +17,7 @@ config never reuses an old run.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from ..atomic import write_text_atomic
 from ..config import ConfigError, load_config, parse_key_value
 from ..engine.finetune import finetune
 from ..engine.pretrain import pretrain
-from ..models.saving import WEIGHTS_FILE
+from ..models.saving import CONFIG_FILE
 from .demo import machine, run_stage
 from .report import csv_text, markdown_table, plot, text_table
 
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 STUDY_DIR = Path(__file__).resolve().parents[3] / "configs" / "experiments"  # in a source checkout
 SCALES = ("demo", "paper")
 STAGES = ("pretrain", "finetune")
+#: Fine-tuning keys the study sets for each run, never taken from overrides.
+SET_BY_STUDY = {"seed": "one run per seed: use seeds or --seeds", "data.labeled_seed": "the seed: use seeds or --seeds",
+                "init": "the cell's pretraining run, or none with pretrain: false"}
 #: Keys that do not change what a run computes, left out of its hash.
 UNHASHED = ("name", "out_dir", "progress", "log_every")
 
@@ -95,27 +99,31 @@ def run_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _split(overrides: Mapping[str, Any], where: str) -> tuple[bool, dict[str, dict[str, Any]]]:
-    """Dotted ``pretrain.*`` / ``finetune.*`` overrides -> (pretraining on?, per-stage updates)."""
+def _split(sources: Sequence[Mapping[str, Any]], where: str) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Dotted ``pretrain.*`` / ``finetune.*`` overrides from several sources, the last winning ->
+    (pretraining on?, per-stage nested updates)."""
     pretraining, updates = True, {stage: {} for stage in STAGES}
-    for key, value in overrides.items():
-        stage, _, rest = key.partition(".")
-        if key == "pretrain":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}: 'pretrain' takes true or false (false: no pretraining); got {value!r}")
-            pretraining = value
-        elif stage in STAGES and rest:
-            node = updates[stage]
-            *parents, leaf = rest.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        else:
-            raise ConfigError(f"{where}: override keys start with pretrain. or finetune.; got {key!r}")
+    for overrides in sources:
+        for key, value in overrides.items():
+            stage, _, rest = key.partition(".")
+            if key == "pretrain":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where}: 'pretrain' takes true or false (false: no pretraining); got {value!r}")
+                pretraining = value
+            elif stage in STAGES and rest:
+                if stage == "finetune" and rest in SET_BY_STUDY:
+                    raise ConfigError(f"{where}: {key} is set by the study for each run ({SET_BY_STUDY[rest]})")
+                tree: Any = copy.deepcopy(value)
+                for part in reversed(rest.split(".")):
+                    tree = {part: tree}
+                updates[stage] = _merge(updates[stage], tree)
+            else:
+                raise ConfigError(f"{where}: override keys start with pretrain. or finetune.; got {key!r}")
     return pretraining, updates
 
 
 def _merge(*trees: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested mappings merged key by key, the last winning."""
     out: dict[str, Any] = {}
     for tree in trees:
         for key, value in tree.items():
@@ -165,7 +173,10 @@ def load_study(
         if not isinstance(spec.get(stage), str):
             raise ConfigError(f"{path}: {stage} must name the base {stage} config file (relative to the study file)")
         bases[stage] = path.parent / spec[stage]
-    seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
+    seeds = seeds if seeds is not None else spec.get("seeds", [0])
+    if not isinstance(seeds, list | tuple) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of integers; got {seeds!r}")
+    seeds = list(seeds)
     axis_name, axis_values = _axis(spec, path)
     variants = {str(k): _mapping(v, f"variant {k!r}", path) for k, v in _mapping(spec.get("variants"), "variants", path).items()}
     variants = variants or {"DDeP": {}}
@@ -179,10 +190,9 @@ def load_study(
     for value, value_overrides in axis_values.items():
         for variant, variant_overrides in variants.items():
             where = f"{path} ({variant} at {axis_name}={value})"
-            cell_overrides = {**value_overrides, **variant_overrides}
-            shadowed.update(command_line.keys() & cell_overrides.keys())
-            merged = {**study_overrides, **command_line, **cell_overrides}
-            pretraining, updates = _split(merged, where)
+            shadowed.update(c for c in command_line for k in (*value_overrides, *variant_overrides)
+                            if k != "pretrain" and (c == k or k.startswith(c + ".") or c.startswith(k + ".")))
+            pretraining, updates = _split([study_overrides, command_line, value_overrides, variant_overrides], where)
             cell = Cell(variant, value, None)
             if pretraining:
                 cell.pretrain = _resolve("pretrain", bases["pretrain"], updates["pretrain"], out, where)
@@ -220,7 +230,7 @@ def run_study(study: Study, out: str | Path) -> dict[str, Any]:
     print(f"{study.title}: {len(study.cells)} cells ({len(study.values)} {study.axis} x {len(study.variants)} variants) "
           f"x {len(study.seeds)} seeds; {len(pretrains)} pretraining and {len(finetunes)} fine-tuning runs in {out / 'runs'}")
     for i, (name, config) in enumerate(pretrains.items(), 1):
-        done = not run_stage(pretrain, config, out / name / "model" / WEIGHTS_FILE)
+        done = not run_stage(pretrain, config, out / name / "model" / CONFIG_FILE)
         print(f"  pretraining {i}/{len(pretrains)}  {name}" + ("  (reused)" if done else ""))
     results: dict[str, dict[str, list[float]]] = {v: {value: [] for value in study.values} for v in study.variants}
     runs: dict[str, dict[str, list[str]]] = {v: {value: [] for value in study.values} for v in study.variants}
