@@ -13,7 +13,8 @@ def test_mean_and_sample_std():
 def test_tables_show_mean_std_and_difference():
     md = markdown_table(RESULTS, ["4", "16"], "labels", baseline="random_decoder")
     assert md.splitlines()[0] == "| labels | random_decoder | ddep | ddep - random_decoder |"
-    assert md.splitlines()[2] == "| 4 | 12.0 ± 2.8 | 21.0 ± 1.4 | +9.0 |"
+    # paired by seed: differences 10 and 8 -> +9.0 ± 1.4
+    assert md.splitlines()[2] == "| 4 | 12.0 ± 2.8 | 21.0 ± 1.4 | +9.0 ± 1.4 |"
     assert md.splitlines()[3] == "| 16 | 30.0 ± 0.0 | 33.0 ± 0.0 | +3.0 |"
     assert "+9.0" in text_table(RESULTS, ["4", "16"], "labels", baseline="random_decoder")
     rows = csv_text(RESULTS, ["4"], "labels").splitlines()

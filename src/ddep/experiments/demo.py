@@ -190,7 +190,7 @@ def write_report(out: Path, settings: DemoSettings, record: dict[str, Any]) -> N
         f"{settings.unlabeled_images} unlabeled images (scaled noise, sigma {settings.noise_std}). Fine-tuning: "
         f"{settings.finetune_steps} steps of batch {settings.finetune_batch}, Adam lr {settings.finetune_lr}, "
         f"from each start, on the same labeled images for a seed. mIoU (%) on {settings.val_images} validation "
-        "images, mean ± std over seeds.",
+        "images, mean ± std over seeds; the difference is the mean ± std of the per-seed differences.",
         "",
         markdown_table(results, names, "labels", baseline="random_decoder"),
         "![mIoU against labels](miou_vs_labels.png)",

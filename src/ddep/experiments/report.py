@@ -19,6 +19,16 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def difference(values: Sequence[float], base: Sequence[float]) -> str:
+    """The mean difference to the baseline; with per-seed pairs (the same seeds, in the same order),
+    also the sample std of the paired differences, which seed-to-seed swings shared by both
+    starts do not inflate."""
+    if len(values) == len(base) > 1:
+        m, s = mean_std([v - b for v, b in zip(values, base)])
+        return f"{m:+.1f} ± {s:.1f}"
+    return f"{mean_std(values)[0] - mean_std(base)[0]:+.1f}"
+
+
 def table_rows(results: Results, settings: Sequence[str], baseline: str | None = None) -> list[list[str]]:
     """One row per setting: mean ± std of each variant, then each variant's difference to ``baseline``."""
     variants = list(results)
@@ -29,11 +39,8 @@ def table_rows(results: Results, settings: Sequence[str], baseline: str | None =
             m, s = mean_std(results[variant].get(setting, []))
             row.append(f"{m:.1f} ± {s:.1f}")
         if baseline is not None:
-            base, _ = mean_std(results[baseline].get(setting, []))
-            for variant in variants:
-                if variant != baseline:
-                    m, _ = mean_std(results[variant].get(setting, []))
-                    row.append(f"{m - base:+.1f}")
+            base = results[baseline].get(setting, [])
+            row += [difference(results[v].get(setting, []), base) for v in variants if v != baseline]
         rows.append(row)
     return rows
 

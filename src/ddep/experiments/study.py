@@ -263,7 +263,8 @@ def write_study_report(study: Study, folder: Path, record: dict[str, Any]) -> No
     write_text_atomic(folder / "results.csv", csv_text(results, study.values, study.axis))
     lines = [f"# {study.title}", "", study.description.strip(), "",
              markdown_table(results, study.values, study.axis, study.baseline),
-             f"mIoU (%), mean ± std over seeds {', '.join(map(str, study.seeds))}. Machine: {record['machine']}.", "",
+             f"mIoU (%), mean ± std over seeds {', '.join(map(str, study.seeds))}; a difference is the mean ± std of the "
+             f"per-seed differences (each seed: the same labeled images for every variant). Machine: {record['machine']}.", "",
              "![plot](plot.png)", ""]
     write_text_atomic(folder / "table.md", "\n".join(lines))
     write_text_atomic(folder / "results.json", json.dumps(record, indent=2))
