@@ -5,7 +5,8 @@ import pytest
 
 from ddep.config import load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if "experiments" not in p.relative_to(ROOT).parts)  # studies: test_study.py
 
 
 def command_of(path: Path) -> str:
