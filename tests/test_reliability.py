@@ -195,3 +195,49 @@ def test_a_transunet_crop_that_is_not_a_multiple_of_16_is_refused_before_any_wor
     assert main(["pretrain", "data.root=data/images", "model.arch=transunet", "data.crop_size=40"]) == 1
     assert "data.crop_size=40: TransUNet needs a multiple of 16 (its patch size), e.g. 48" in capsys.readouterr().err
     assert not Path("runs").exists()
+
+
+def broken_corpus(root: Path, monkeypatch) -> dict[str, str]:
+    """One file per kind of broken or odd input, and the outcome each must get."""
+    import numpy as np
+    from PIL import Image
+
+    import fake_data
+
+    images = root / "images"
+    fake_data.save(fake_data.rgb(0), images / "ok.jpg")
+    fake_data.save(fake_data.rgb(1).convert("L"), images / "gray.png")
+    fake_data.save(Image.fromarray(np.full((32, 64, 4), 200, np.uint8)), images / "rgba.png")
+    fake_data.save(fake_data.rgb(2), images / "png_named.jpg")  # wrong extension: read by content
+    data = (images / "ok.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "text.jpg").write_text("not an image")
+    fake_data.save(Image.fromarray(np.full((32, 64), 1000, np.uint16)), images / "sixteen_bit.png")
+    fake_data.save(fake_data.rgb(3, size=(160, 160)), images / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 160 x 160 is then a decompression bomb
+    return {"ok.jpg": "read", "gray.png": "converted", "rgba.png": "converted", "png_named.jpg": "converted",
+            "truncated.jpg": "truncated or corrupt image", "empty.jpg": "not a readable image",
+            "text.jpg": "not a readable image", "sixteen_bit.png": "more than 8 bits per channel",
+            "huge.png": "too large to decode safely"}
+
+
+def test_every_broken_input_gets_its_documented_outcome(tmp_path, monkeypatch, caplog):
+    from ddep.data import build_dataset
+    from ddep.data.io import DataError, read_image
+
+    outcomes = broken_corpus(tmp_path, monkeypatch)
+    bad = {name for name, outcome in outcomes.items() if outcome not in ("read", "converted")}
+    # labeled and evaluation data: converted, or an error naming the file (never dropped)
+    for name, outcome in outcomes.items():
+        if name in bad:
+            with pytest.raises(DataError, match=f"{name}: .*{outcome}"):
+                read_image(tmp_path / "images" / name)
+        else:
+            assert read_image(tmp_path / "images" / name).mode == "RGB"
+    # unlabeled pretraining data: each bad file skipped, counted and logged; the good ones all read
+    unlabeled = build_dataset("unlabeled", tmp_path / "images", cache_dir=tmp_path / "cache")
+    assert len(unlabeled) == len(outcomes)
+    read = {unlabeled[i]["name"] for i in range(len(unlabeled))}
+    assert read == set(outcomes) - bad and unlabeled.skipped == len(bad) == 5
+    assert all(name in caplog.text for name in bad) and "skipping unreadable image (5 skipped so far)" in caplog.text

@@ -26,6 +26,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         image = Image.open(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as e:  # far more pixels than any training image needs
+        raise DataError(f"{path}: too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
     return image

@@ -87,18 +87,26 @@ class UnlabeledImages(Dataset):
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
         self.transform = transform or ToTensor()
         self.min_size = min_size
-        self.skipped = 0
+        self.unreadable: set[str] = set()  # files found unreadable (in this process), never read again
 
     def __len__(self) -> int:
         return len(self.files)
 
+    @property
+    def skipped(self) -> int:
+        """How many distinct files were found unreadable so far."""
+        return len(self.unreadable)
+
     def __getitem__(self, index: int) -> dict:
+        """The image at ``index``, or when it cannot be read, the next readable one."""
         for attempt in range(len(self.files)):
             name = self.files[(index + attempt) % len(self.files)]
+            if name in self.unreadable:
+                continue
             try:
                 image = read_image(self.root / name, self.min_size)
             except DataError as e:
-                self.skipped += 1
+                self.unreadable.add(name)
                 log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped, e)
                 continue
             return self.transform({"image": image, "name": name})
