@@ -241,3 +241,45 @@ def test_every_broken_input_gets_its_documented_outcome(tmp_path, monkeypatch, c
     read = {unlabeled[i]["name"] for i in range(len(unlabeled))}
     assert read == set(outcomes) - bad and unlabeled.skipped == len(bad) == 5
     assert all(name in caplog.text for name in bad) and "skipping unreadable image (5 skipped so far)" in caplog.text
+
+
+def nan_on_call(monkeypatch, calls: set[int]) -> None:
+    """Make the pretraining loss NaN on the given calls (1-based)."""
+    from ddep.engine import pretrain as pretrain_module
+
+    original, count = pretrain_module.denoising_loss, [0]
+
+    def loss(*args, **kwargs):
+        count[0] += 1
+        value = original(*args, **kwargs)
+        return value * float("nan") if count[0] in calls else value
+
+    monkeypatch.setattr(pretrain_module, "denoising_loss", loss)
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(data, monkeypatch, capsys):
+    nan_on_call(monkeypatch, {3})
+    assert main(["pretrain", *ARGS["pretrain"]]) == 1
+    err = capsys.readouterr().err
+    assert "ddep pretrain: error: pretrain: loss is nan at step 3 (0 such batches skipped before); the last good checkpoint is " \
+           "runs/pretrain/checkpoints/last.pt" in err and "skip_nonfinite=N" in err
+    assert load_checkpoint("runs/pretrain/checkpoints/last.pt")["step"] == 2  # the checkpoint before the fault stays
+
+
+def test_skip_nonfinite_skips_and_counts_the_bad_batches(data, monkeypatch, caplog):
+    nan_on_call(monkeypatch, {2, 5})
+    assert main(["pretrain", *ARGS["pretrain"], "skip_nonfinite=2"]) == 0
+    state = load_checkpoint("runs/pretrain/checkpoints/last.pt")
+    assert state["step"] == 4 and state["extra"]["skipped_nonfinite"] == 2  # 4 good steps from 6 batches
+    assert "pretrain: loss is nan at step 2; batch skipped (1 of at most 2)" in caplog.text
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_evaluation_checks_the_classes_before_making_a_run_folder(data, capsys):
+    from conftest import tiny_model
+    from ddep.models.saving import save_model
+
+    save_model(tiny_model("unet", classes=4), "four-classes")
+    assert main(["evaluate", "checkpoint=four-classes", "data.root=data", "data.options={num_classes: 3}", "name=ev"]) == 1
+    assert "four-classes predicts 4 classes but folder has 3" in capsys.readouterr().err
+    assert not Path("runs/ev").exists()

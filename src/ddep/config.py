@@ -36,6 +36,7 @@ TRAIN: dict[str, Any] = {
     "channels_last": "auto",
     "compile": False,
     "deterministic": False,
+    "skip_nonfinite": 0,  # how many batches with a NaN/inf loss a run may skip (counted, logged) before it stops
     "progress": True,
 }
 

@@ -63,15 +63,16 @@ def write_metrics(path: Path, metrics: dict[str, Any], eval_config: dict[str, An
 
 def evaluate(config: dict[str, Any]) -> Path:
     """``ddep evaluate``: a checkpoint or exported model on a labeled split."""
+    if not config["checkpoint"]:
+        raise ValueError("evaluate needs checkpoint=PATH (a .pt checkpoint or an exported model folder)")
+    model = load_model(config["checkpoint"])  # the model and the data are checked before a run folder exists
+    data = config["data"]
+    dataset = build_dataset(data["dataset"], data["root"], data["split"], transform=eval_transforms(model.config["mean"], model.config["std"]), **data["options"])
+    if model.config["classes"] != dataset.num_classes:
+        raise ValueError(f"{config['checkpoint']} predicts {model.config['classes']} classes but {data['dataset']} has {dataset.num_classes}")
     run = start_run(config, training=False)
     try:
-        if not config["checkpoint"]:
-            raise ValueError("evaluate needs checkpoint=PATH (a .pt checkpoint or an exported model folder)")
-        model = load_model(config["checkpoint"]).to(run.device)
-        data = config["data"]
-        dataset = build_dataset(data["dataset"], data["root"], data["split"], transform=eval_transforms(model.config["mean"], model.config["std"]), **data["options"])
-        if model.config["classes"] != dataset.num_classes:
-            raise ValueError(f"the model predicts {model.config['classes']} classes but {data['dataset']} has {dataset.num_classes}")
+        model.to(run.device)
         metrics = evaluate_model(model, dataset, config["eval"], run.device, run.dist)
         if run.dist.is_main:
             write_metrics(run.dir / "metrics.json", metrics, config["eval"], dataset, model_file(config["checkpoint"]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import math
 import shutil
 import time
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .checkpoint import load_resumable, save_checkpoint
 from .distributed import DistInfo, all_reduce_mean
 
+log = logging.getLogger(__name__)
 MIX = 0x9E3779B97F4A7C15
 
 
@@ -209,11 +211,21 @@ class Trainer:
 
         Returns True when a step was taken (``self.step`` counts them)."""
         value = loss.item()  # one device sync per micro-batch, for the check and the log
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"{self.stage}: loss is {value} at step {self.step + 1}; the last good checkpoint is "
-                f"{self.run_dir / 'checkpoints' / 'last.pt'} (try a lower optim.lr or optim.clip_grad_norm)"
-            )
+        finite = math.isfinite(value)
+        if self.config["skip_nonfinite"] and self.dist.enabled:  # every rank must skip the same batch
+            finite = math.isfinite(all_reduce_mean(value, self.dist, self.device))
+        if not finite:
+            skipped = self.extra.get("skipped_nonfinite", 0)
+            if skipped >= self.config["skip_nonfinite"]:
+                raise FloatingPointError(
+                    f"{self.stage}: loss is {value} at step {self.step + 1} ({skipped} such batches skipped before); the last "
+                    f"good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'} (try a lower optim.lr or "
+                    "optim.clip_grad_norm, or skip_nonfinite=N to skip up to N such batches)"
+                )
+            self.extra["skipped_nonfinite"] = skipped + 1
+            log.warning("%s: loss is %s at step %d; batch skipped (%d of at most %d)", self.stage, value, self.step + 1,
+                        skipped + 1, self.config["skip_nonfinite"])
+            return False
         self._micro += 1
         boundary = self._micro % self.accum == 0
         sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
