@@ -243,6 +243,33 @@ def test_every_broken_input_gets_its_documented_outcome(tmp_path, monkeypatch, c
     assert all(name in caplog.text for name in bad) and "skipping unreadable image (5 skipped so far)" in caplog.text
 
 
+def test_broken_masks_are_errors_naming_the_file(tmp_path):
+    import fake_data
+    from ddep.data import build_dataset
+    from ddep.data.io import DataError
+
+    fake_data.folder(tmp_path, count=3)
+    fake_data.save(fake_data.mask([0, 7, 255]), tmp_path / "masks" / "img1.png")  # id 7 of 3 classes
+    fake_data.save(fake_data.mask([0], size=(16, 16)), tmp_path / "masks" / "img2.png")  # not the image's size
+    dataset = build_dataset("folder", tmp_path, num_classes=3)
+    assert dataset[0]["mask"].shape == (32, 64)
+    with pytest.raises(DataError, match=r"img1.png: label values 7 outside 0..2 and 255"):
+        dataset[1]
+    with pytest.raises(DataError, match=r"img2.png: mask is 16x16 but image .*img2.jpg is 64x32"):
+        dataset[2]
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(data, capsys):
+    Path("a-file").write_text("not a folder")
+    assert main(["pretrain", *ARGS["pretrain"], "out_dir=a-file/runs"]) == 1
+    assert "cannot write to the run folder a-file/runs/pretrain" in capsys.readouterr().err
+
+
+def test_decoder_pretraining_on_a_random_encoder_warns(data, caplog):
+    assert main(["pretrain", *ARGS["pretrain"], "steps=1"]) == 0  # the tiny runs use a random ResNet-18
+    assert "mode=decoder with a randomly initialised encoder: DDeP expects a pretrained encoder" in caplog.text
+
+
 def nan_on_call(monkeypatch, calls: set[int]) -> None:
     """Make the pretraining loss NaN on the given calls (1-based)."""
     from ddep.engine import pretrain as pretrain_module
