@@ -34,6 +34,11 @@ def previous_checkpoint(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}-previous{path.suffix}")
 
 
+def resumable_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """The files a run could resume from, in the order to try them: ``path``, then the one it replaced."""
+    return [p for p in (Path(path), previous_checkpoint(path)) if p.is_file()]
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, keep_previous: bool = False) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``:
     a crash leaves either the old checkpoint or the new one, never half of one. With
@@ -67,9 +72,7 @@ def load_resumable(path: str | os.PathLike, map_location: str | torch.device = "
     rotate it over the good one); a checkpoint that holds pickled code is refused outright."""
     path = Path(path)
     problems = []
-    for candidate in (path, previous_checkpoint(path)):
-        if not candidate.is_file():
-            continue
+    for candidate in resumable_checkpoints(path):
         try:
             return load_checkpoint(candidate, map_location), candidate
         except UnsafeCheckpointError:

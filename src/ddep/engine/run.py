@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..config import save_config
-from .checkpoint import previous_checkpoint
+from .checkpoint import resumable_checkpoints
 from .distributed import DistInfo, init_distributed, resolve_device
 
 
@@ -28,8 +28,7 @@ def last_checkpoint(config: dict[str, Any]) -> Path:
 
 def can_resume(config: dict[str, Any]) -> bool:
     """Whether the run has a checkpoint to resume from (the last one, or the one before it)."""
-    last = last_checkpoint(config)
-    return last.is_file() or previous_checkpoint(last).is_file()
+    return bool(resumable_checkpoints(last_checkpoint(config)))
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -64,10 +63,10 @@ def start_run(config: dict[str, Any], resume: bool = False, training: bool = Tru
     dist_info = init_distributed(config["device"])
     device = resolve_device(config["device"], dist_info)
     run_dir = Path(config["out_dir"]) / config["name"]
-    last = last_checkpoint(config)
-    if training and resume and not can_resume(config):
-        raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last}")
-    if training and not resume and can_resume(config):
+    resumable = training and can_resume(config)
+    if training and resume and not resumable:
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last_checkpoint(config)}")
+    if not resume and resumable:
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or name=... for a new run")
     if training:
         check_input_size(config)
