@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -83,13 +82,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_experiment(args: argparse.Namespace) -> int:
     """One of the paper's studies: a grid of pretraining and fine-tuning runs, a table and a plot."""
+    from .engine.distributed import launched_world_size
     from .experiments.study import describe, list_studies, load_study, run_study, study_path
 
     if args.list or not args.name:
         for scale in ("demo", "paper"):
             print(f"{scale} scale: {', '.join(list_studies(scale))}")
         return 0 if args.list else 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ValueError("ddep experiment does not run under torchrun yet: it makes its runs one after another in one process")
     study = load_study(study_path(args.name, args.scale), args.out, args.overrides, args.seeds)
     if args.dry_run:

@@ -23,10 +23,14 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started (``WORLD_SIZE``; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1; otherwise a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if launched_world_size() <= 1:
         return DistInfo()
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
