@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import save_config
+from ..models.transunet import PATCH_STRIDE
 from .checkpoint import resumable_checkpoints
 from .distributed import DistInfo, init_distributed, resolve_device
 
@@ -54,8 +55,9 @@ def check_input_size(config: dict[str, Any]) -> None:
     """TransUNet needs sides that are multiples of its 16-pixel patches: refuse other crops up front."""
     arch = config["model"]["arch"] if not config.get("init") else None  # an init checkpoint brings its own
     crop = config["data"].get("crop_size")
-    if arch == "transunet" and crop is not None and crop % 16:
-        raise ValueError(f"data.crop_size={crop}: TransUNet needs a multiple of 16 (its patch size), e.g. {-(-crop // 16) * 16}")
+    if arch == "transunet" and crop is not None and crop % PATCH_STRIDE:
+        raise ValueError(f"data.crop_size={crop}: TransUNet needs a multiple of {PATCH_STRIDE} (its patch size), "
+                         f"e.g. {-(-crop // PATCH_STRIDE) * PATCH_STRIDE}")
 
 
 def start_run(config: dict[str, Any], resume: bool = False, training: bool = True) -> Run:
