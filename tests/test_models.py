@@ -2,9 +2,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ddep
 from conftest import TINY_TRANSUNET, tiny_model
+from ddep.models.decoder import DecoderBlock
 
 
 @pytest.mark.parametrize("arch", ["unet", "transunet"])
@@ -143,3 +145,23 @@ def test_bad_arguments_get_clear_errors(kwargs, error, message):
 
 def test_list_archs():
     assert ddep.list_archs() == ["transunet", "unet"]
+
+
+def test_decoder_block_equals_convolving_the_concatenated_skip():
+    """The block convolves the upsampled input and the skip with their parts of conv1's weight:
+    outputs and weight gradients are those of conv(cat([x, skip])), and a skip that needs no
+    gradient (a frozen encoder's) gets none."""
+    torch.manual_seed(0)
+    block = DecoderBlock(in_channels=6, skip_channels=4, out_channels=5, upsample_mode="bilinear").eval()
+    x, skip = torch.randn(2, 6, 4, 4, requires_grad=True), torch.randn(2, 4, 8, 8)
+    out = block(x, skip)
+    out.square().sum().backward()
+    ours = out.detach(), x.grad.clone(), block.conv1[0].weight.grad.clone()
+    x.grad, block.conv1[0].weight.grad = None, None
+    upsampled = F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
+    reference = block.conv2(block.conv1(torch.cat([upsampled, skip], dim=1)))
+    reference.square().sum().backward()
+    torch.testing.assert_close(ours[0], reference.detach())
+    torch.testing.assert_close(ours[1], x.grad)
+    torch.testing.assert_close(ours[2], block.conv1[0].weight.grad)
+    assert skip.grad is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
 from ..config import PAPER_FINETUNE_LR
@@ -28,6 +29,13 @@ def build_finetune_model(config: dict[str, Any], classes: int):
     return build_model(m["arch"], m["encoder"], m["encoder_weights"], classes=classes, decoder_width=m["decoder_width"], **m["options"])
 
 
+def segmentation_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
+    """The forward half of one fine-tuning step: per-pixel cross-entropy, ignoring 255."""
+    with trainer.autocast():
+        logits = trainer.net(batch["image"])
+    return F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
+
+
 def finetune(config: dict[str, Any], resume: bool = False) -> Path:
     run = start_run(config, resume)
     try:
@@ -46,10 +54,7 @@ def finetune(config: dict[str, Any], resume: bool = False) -> Path:
         trainer = Trainer(config, model, train_set, run.dir, run.dist, run.device, lr, "finetune", resume)
         best = trainer.extra.get("best_mIoU", -1.0)
         for batch in trainer.batches():
-            with trainer.autocast():
-                logits = trainer.net(batch["image"])
-            loss = F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
-            if trainer.backward(loss) and (trainer.due(config["eval_every"]) or trainer.step == trainer.total_steps):
+            if trainer.backward(segmentation_loss(trainer, batch)) and (trainer.due(config["eval_every"]) or trainer.step == trainer.total_steps):
                 metrics = evaluate_model(model, val_set, config["eval"], run.device, run.dist)
                 trainer.log({"step": trainer.step, "val_mIoU": metrics["mIoU"], "val_aAcc": metrics["aAcc"]})
                 if metrics["mIoU"] > best:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torchvision.utils import save_image
@@ -41,16 +41,10 @@ def pretrain(config: dict[str, Any], resume: bool = False) -> Path:
             transform=pretrain_transforms(data["crop_size"], (data["min_scale"], 1.0)), **data["options"],
         )
         trainer = Trainer(config, model, dataset, run.dir, run.dist, run.device, config["optim"]["lr"], "pretrain", resume)
-        noise, mean, std = config["noise"], model.config["mean"], model.config["std"]
         for batch in trainer.batches():
-            x = batch["image"] * 2 - 1  # [0, 1] -> [-1, 1], where sigma is defined
-            gamma = sample_gamma(x.shape[0], generator=trainer.generator, device=x.device, **_level(noise))
-            x_noisy, target = corrupt(x, noise["type"], target=noise["target"], generator=trainer.generator, gamma=gamma, **_level(noise))
-            with trainer.autocast():
-                prediction = trainer.net(to_model_input(x_noisy, mean, std))
-            loss = denoising_loss(prediction.float(), target, noise["loss"])
-            if trainer.backward(loss) and run.dist.is_main and trainer.due(config["image_every"]):
-                save_grid(run.dir / "images" / f"step{trainer.step:07d}.png", x, x_noisy, prediction.float().detach(), gamma, noise)
+            step = denoising_pass(trainer, batch["image"], config["noise"])
+            if trainer.backward(step.loss) and run.dist.is_main and trainer.due(config["image_every"]):
+                save_grid(run.dir / "images" / f"step{trainer.step:07d}.png", step, config["noise"])
         trainer.save("last.pt")
         if run.dist.is_main:
             save_model(model, run.dir / "model")
@@ -60,12 +54,34 @@ def pretrain(config: dict[str, Any], resume: bool = False) -> Path:
         shutdown(run.dist)
 
 
+class DenoisingPass(NamedTuple):
+    loss: torch.Tensor
+    x: torch.Tensor  # the clean images in [-1, 1]
+    x_noisy: torch.Tensor
+    prediction: torch.Tensor
+    gamma: torch.Tensor
+
+
+def denoising_pass(trainer: Trainer, images: torch.Tensor, noise: dict[str, Any]) -> DenoisingPass:
+    """The forward half of one pretraining step on a batch of images in [0, 1], on the device.
+
+    The noise is drawn there with the trainer's generator (never on the host and copied over)."""
+    x = images * 2 - 1  # [0, 1] -> [-1, 1], where sigma is defined
+    gamma = sample_gamma(x.shape[0], generator=trainer.generator, device=x.device, **_level(noise))
+    x_noisy, target = corrupt(x, noise["type"], target=noise["target"], generator=trainer.generator, gamma=gamma, **_level(noise))
+    with trainer.autocast():
+        prediction = trainer.net(to_model_input(x_noisy, trainer.model.config["mean"], trainer.model.config["std"]))
+    prediction = prediction.float()
+    return DenoisingPass(denoising_loss(prediction, target, noise["loss"]), x, x_noisy, prediction.detach(), gamma)
+
+
 def _level(noise: dict[str, Any]) -> dict[str, Any]:
     return dict(noise_level=noise["level"], noise_std=noise["std"], noise_std_range=tuple(noise["std_range"]), gamma_min=noise["gamma_min"])
 
 
-def save_grid(path: Path, x: torch.Tensor, x_noisy: torch.Tensor, prediction: torch.Tensor, gamma: torch.Tensor, noise: dict) -> None:
+def save_grid(path: Path, step: DenoisingPass, noise: dict) -> None:
     """Rows of up to 8 examples: clean, noisy, predicted target, denoised (all shown in [0, 1])."""
+    x, x_noisy, prediction, gamma = step.x, step.x_noisy, step.prediction, step.gamma
     n = min(8, x.shape[0])
     clean = estimate_clean(x_noisy[:n], prediction[:n], gamma[:n], noise["type"], noise["target"])
     shown = prediction[:n] / 4 if noise["target"] == "noise" else prediction[:n]  # eps spans about [-4, 4]

@@ -35,9 +35,16 @@ class DecoderBlock(nn.Module):
         size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
         align = {} if self.upsample_mode == "nearest" else {"align_corners": False}
         x = F.interpolate(x, size=size, mode=self.upsample_mode, **align)
-        if skip is not None:
-            x = torch.cat([x, skip], dim=1)
-        return self.conv2(self.conv1(x))
+        conv, norm, act = self.conv1
+        if skip is None:
+            y = conv(x)
+        else:
+            # conv(cat([x, skip])) as one convolution per part of the weight: the same result without
+            # the concatenated copy, and no input gradient is computed for a frozen encoder's skip
+            # (in decoder pretraining that gradient was a third of the backward convolutions' work)
+            split = x.shape[1]
+            y = F.conv2d(x, conv.weight[:, :split], padding=conv.padding) + F.conv2d(skip, conv.weight[:, split:], padding=conv.padding)
+        return self.conv2(act(norm(y)))
 
 
 class UNetDecoder(nn.Module):
