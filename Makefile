@@ -1,10 +1,11 @@
-# Quick start: `make demo` runs the method end to end, `make test` runs the test suite.
+# Quick start: `make demo` runs the method end to end, `make test` runs the test suite,
+# `make bench` measures throughput and memory on the CPU (about 4 minutes; writes bench.json).
 # Both create .venv and install the project into it when needed.
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.ddep-installed
 
-.PHONY: demo test install
+.PHONY: demo test bench install
 
 install: $(STAMP)
 
@@ -18,3 +19,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/bench.py --out bench.json

@@ -1,0 +1,30 @@
+"""The benchmark scripts run end to end (tiny settings, on the CPU) and write what they promise."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMISED = ("ours_img_s", "baseline_img_s", "ratio", "ours_peak_mib", "baseline_peak_mib")
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_the_cpu_and_writes_bench_json(tmp_path):
+    tiny = "--models unet_r50 --size 64 --batch 2 --steps 1 --finetune-steps 1 --warmup 0 --eval-size 32 --photos 4 --data-workers 1"
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path), BENCH_ARGS=tiny)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| unet_r50 | 2 |" in done.stdout
+    result = json.loads((tmp_path / "bench-gpu.json").read_text())
+    row = result["models"]["unet_r50"]
+    assert all(row[key] > 0 for key in PROMISED)
+    assert row["ratio"] == pytest.approx(row["ours_img_s"] / row["baseline_img_s"])
+    # the frozen encoder's skips get no input gradient in ours: fewer FLOPs than the baseline's step
+    assert 0 < row["ours_gflop_per_image"] < row["baseline_gflop_per_image"]
+    assert set(row["eval_img_s"]) == {"whole", "slide", "flip_ms"} and min(row["eval_img_s"].values()) > 0
+    assert row["finetune_img_s"] > 0 and row["ours_mfu"] is None and result["matmul_bf16_tflops"] is None
+    rates = result["data"]["img_s"]["1"]
+    assert min(rates.values()) > 0 and set(rates) == {"full_decode", "reduced_decode", "resized_offline"}
+    assert result["machine"]["device"] == "cpu"
