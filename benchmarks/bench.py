@@ -293,12 +293,12 @@ def in_subprocess(args: list[str]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def matmul_tflops(device: torch.device) -> float:
-    """The measured bf16 matmul ceiling: 8192^3 products, best of 10."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+def matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """The measured bf16 matmul ceiling: n x n x n products, best of 10."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     times = timed(lambda: a @ b, device, steps=10, warmup=3)
-    return 2 * 8192**3 / min(times) / 1e12
+    return 2 * n**3 / min(times) / 1e12
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-workers", type=int, nargs="+", default=[1], help="DataLoader worker counts to time")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible here (torch.cuda.is_available() is False)")
     started = time.perf_counter()
     result = run_all(args)
     result["seconds"] = time.perf_counter() - started

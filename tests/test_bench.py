@@ -1,10 +1,12 @@
 """The benchmark scripts run end to end (tiny settings, on the CPU) and write what they promise."""
+import importlib.util
 import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMISED = ("ours_img_s", "baseline_img_s", "ratio", "ours_peak_mib", "baseline_peak_mib")
@@ -28,3 +30,25 @@ def test_gpu_script_runs_on_the_cpu_and_writes_bench_json(tmp_path):
     rates = result["data"]["img_s"]["1"]
     assert min(rates.values()) > 0 and set(rates) == {"full_decode", "reduced_decode", "resized_offline"}
     assert result["machine"]["device"] == "cpu"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matmul_ceiling_counts_two_flops_per_multiply_add(monkeypatch):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "timed", lambda call, device, steps, warmup: [call() is not None and 0.5, 0.25])
+    assert bench.matmul_tflops(torch.device("cpu"), n=64) == pytest.approx(2 * 64**3 / 0.25 / 1e12)
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit) as exit_info:
+        load_bench().main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
