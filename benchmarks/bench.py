@@ -36,8 +36,25 @@ import types
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from skimage import data as skimage_data
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddep.config import load_config
+from ddep.data.transforms import pretrain_transforms
+from ddep.data.unlabeled import UnlabeledImages
+from ddep.engine.distributed import DistInfo
+from ddep.engine.finetune import build_finetune_model, segmentation_loss
+from ddep.engine.pretrain import build_pretrain_model, denoising_pass
+from ddep.engine.trainer import Trainer
+from ddep.inference import TTA_SCALES, predict
+from ddep.models import build_model
+from ddep.models.decoder import DecoderBlock
+from ddep.noise import to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -53,8 +70,6 @@ PHOTO_SIZES = [(500, 375), (500, 333), (375, 500), (640, 480), (800, 600), (1024
 
 def load_recipe(model_key: str, stage: str, device: str, batch: int, crop: int) -> dict[str, Any]:
     """The shipped recipe with random encoder weights (no downloads), one process, no files."""
-    from ddep.config import load_config
-
     path = RECIPES[model_key][0 if stage == "pretrain" else 1]
     updates = {
         "model": {"encoder_weights": None},
@@ -82,8 +97,6 @@ def tensor_peak_mib(step, device: torch.device) -> float:
         torch.cuda.reset_peak_memory_stats(device)
         step()
         return torch.cuda.max_memory_allocated(device) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as folder:
@@ -108,16 +121,15 @@ def timed(step, device: torch.device, steps: int, warmup: int) -> list[float]:
 
 
 def flops_per_call(step) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         step()
     return float(counter.get_total_flops())
 
 
-class Images(torch.utils.data.Dataset):
-    """Stands in for the data set: the Trainer only needs its length."""
+class NoData(torch.utils.data.Dataset):
+    """Stands in for the data set, whose batches the benchmark hands over itself: the Trainer
+    only needs a length."""
 
     def __len__(self) -> int:
         return 10**6
@@ -127,11 +139,7 @@ class Images(torch.utils.data.Dataset):
 
 
 def ours_pretrain_step(config: dict[str, Any], device: torch.device, host_images: torch.Tensor, run_dir: Path):
-    from ddep.engine.distributed import DistInfo
-    from ddep.engine.pretrain import build_pretrain_model, denoising_pass
-    from ddep.engine.trainer import Trainer
-
-    trainer = Trainer(config, build_pretrain_model(config), Images(), run_dir, DistInfo(), device, config["optim"]["lr"], "pretrain")
+    trainer = Trainer(config, build_pretrain_model(config), NoData(), run_dir, DistInfo(), device, config["optim"]["lr"], "pretrain")
 
     def step() -> None:
         images = trainer.to_device({"image": host_images})["image"]
@@ -142,10 +150,6 @@ def ours_pretrain_step(config: dict[str, Any], device: torch.device, host_images
 
 def baseline_pretrain_step(config: dict[str, Any], device: torch.device, host_images: torch.Tensor):
     """The straightforward implementation (see the module's docstring)."""
-    from ddep.models import build_model
-    from ddep.models.decoder import DecoderBlock
-    from ddep.noise import to_model_input
-
     def concatenating_forward(self, x, skip=None):
         size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
         align = {} if self.upsample_mode == "nearest" else {"align_corners": False}
@@ -219,17 +223,12 @@ def measure_pretrain_speed(model_key: str, device: torch.device, batch: int, siz
 
 def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size: int, steps: int, warmup: int, eval_size: int) -> dict[str, Any]:
     """Fine-tuning step images/s (crop ``size``) and evaluation images/s on an eval_size x 2*eval_size image."""
-    from ddep.engine.distributed import DistInfo
-    from ddep.engine.finetune import build_finetune_model, segmentation_loss
-    from ddep.engine.trainer import Trainer
-    from ddep.inference import TTA_SCALES, predict
-
     config = load_recipe(model_key, "finetune", str(device), batch, size)
     model = build_finetune_model(config, classes=19)
     torch.manual_seed(0)
     host = {"image": torch.randn(batch, 3, size, size), "mask": torch.randint(0, 19, (batch, size, size))}
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, model, Images(), Path(run_dir), DistInfo(), device, 1e-4, "finetune")
+        trainer = Trainer(config, model, NoData(), Path(run_dir), DistInfo(), device, 1e-4, "finetune")
 
         def train_step() -> None:
             trainer.backward(segmentation_loss(trainer, trainer.to_device(host)))
@@ -252,9 +251,6 @@ def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size
 def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: int, size: int) -> float:
     """Images/s of ``workers`` DataLoader workers: JPEG decoding, the pretraining augmentation
     (random resized crop to ``size``, flip), collation; the photos are read again as needed."""
-    from ddep.data.transforms import pretrain_transforms
-    from ddep.data.unlabeled import UnlabeledImages
-
     dataset = UnlabeledImages(folder, transform=pretrain_transforms(size, (0.25, 1.0)), min_size=min_size, cache_dir=folder / ".cache")
     batch = 16
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, sampler=[i % len(dataset) for i in range(workers * (per_worker + batch))])
@@ -269,12 +265,8 @@ def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: i
 def make_photos(folder: Path, count: int, short_side: int | None = None) -> None:
     """JPEGs (quality 90) of real photos (scikit-image's) resized to ``PHOTO_SIZES``, or to the
     same shapes with the shorter side ``short_side`` (a data set resized once, offline)."""
-    import numpy as np
-    from PIL import Image
-    from skimage import data
-
     folder.mkdir()
-    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    photos = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee(), skimage_data.rocket()]
     for i in range(count):
         w, h = PHOTO_SIZES[i % len(PHOTO_SIZES)]
         size = (w, h) if short_side is None else (round(w * short_side / min(w, h)), round(h * short_side / min(w, h)))
@@ -302,11 +294,12 @@ def matmul_tflops(device: torch.device, n: int = 8192) -> float:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu": names[0] if names else platform.processor(), "cpus": os.cpu_count()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    info.update(cpu=cpu, cpus=os.cpu_count())
     return info
 
 
@@ -407,9 +400,6 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--eval-size", type=int, default=128)
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # the random-encoder warning is expected here
-    import ddep.engine.finetune  # noqa: F401  the same modules in every worker, so resident sets compare
-    import ddep.engine.pretrain  # noqa: F401
-
     device = torch.device(args.device)
     if args.what == "speed":
         result = measure_pretrain_speed(args.model, device, args.batch, args.size, args.steps, args.warmup)
