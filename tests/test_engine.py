@@ -11,6 +11,7 @@ import torch
 from fake_data import FINETUNE, PRETRAIN, TINY, interrupt_after
 from ddep.cli import main
 from ddep.engine import trainer as trainer_module
+from ddep.engine.run import configure_kernels
 from ddep.engine.checkpoint import load_checkpoint
 from ddep.models.saving import load_model
 
@@ -151,3 +152,18 @@ def test_the_final_checkpoint_is_written_once_after_the_final_evaluation(data, m
     run("finetune", "data.root=data", *FINETUNE)
     # at step 2 the periodic checkpoint comes before that step's evaluation; at step 4 only the loop's
     assert [s for s in saves if s[0] == "last.pt"] == [("last.pt", 2, False), ("last.pt", 4, True)]
+
+
+@pytest.mark.parametrize("device, training, deterministic, benchmark", [
+    ("cuda", True, False, True),
+    ("cuda", True, True, False),
+    ("cuda", False, False, False),
+    ("cpu", True, False, False),
+])
+def test_cudnn_times_its_algorithms_only_when_training_on_a_gpu_without_determinism(monkeypatch, device, training, deterministic, benchmark):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode: calls.append(mode))
+    calls = []
+    configure_kernels(torch.device(device), training, deterministic)
+    assert torch.backends.cudnn.benchmark is benchmark
+    assert calls == ([True] if deterministic else [])

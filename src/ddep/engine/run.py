@@ -85,6 +85,14 @@ def start_run(config: dict[str, Any], resume: bool = False, training: bool = Tru
     seed = config["seed"] + dist_info.rank
     random.seed(seed)
     torch.manual_seed(seed)
-    if config.get("deterministic"):
-        torch.use_deterministic_algorithms(True)
+    configure_kernels(device, training, bool(config.get("deterministic")))
     return Run(run_dir, dist_info, device)
+
+
+def configure_kernels(device: torch.device, training: bool, deterministic: bool) -> None:
+    """Deterministic kernels when asked; otherwise, when training on a GPU, let cuDNN time its
+    convolution algorithms once per input shape and keep the fastest, as mmsegmentation does
+    (training crops have one shape; ``ddep evaluate``, whose images vary, keeps the heuristics)."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = training and device.type == "cuda" and not deterministic
