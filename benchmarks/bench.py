@@ -50,6 +50,7 @@ from ddep.data.unlabeled import UnlabeledImages
 from ddep.engine.distributed import DistInfo
 from ddep.engine.finetune import build_finetune_model, segmentation_loss
 from ddep.engine.pretrain import build_pretrain_model, denoising_pass
+from ddep.engine.run import configure_kernels
 from ddep.engine.trainer import Trainer
 from ddep.inference import TTA_SCALES, predict
 from ddep.models import build_model
@@ -142,6 +143,7 @@ def ours_pretrain_step(config: dict[str, Any], device: torch.device, host_images
     trainer = Trainer(config, build_pretrain_model(config), NoData(), run_dir, DistInfo(), device, config["optim"]["lr"], "pretrain")
 
     def step() -> None:
+        configure_kernels(device, training=True, deterministic=False)  # as start_run sets them for a run
         images = trainer.to_device({"image": host_images})["image"]
         trainer.backward(denoising_pass(trainer, images, config["noise"]).loss)
 
@@ -171,6 +173,7 @@ def baseline_pretrain_step(config: dict[str, Any], device: torch.device, host_im
     sigma = config["noise"]["std"]
 
     def step() -> None:
+        torch.backends.cudnn.benchmark = False  # cuDNN's defaults (ours may share the process)
         x = host_images * 2 - 1
         eps = torch.randn_like(x)
         x_noisy = to_model_input((x + sigma * eps) / (1 + sigma**2) ** 0.5, model.config["mean"], model.config["std"])
@@ -229,6 +232,8 @@ def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size
     host = {"image": torch.randn(batch, 3, size, size), "mask": torch.randint(0, 19, (batch, size, size))}
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, model, NoData(), Path(run_dir), DistInfo(), device, 1e-4, "finetune")
+
+        configure_kernels(device, training=True, deterministic=False)
 
         def train_step() -> None:
             trainer.backward(segmentation_loss(trainer, trainer.to_device(host)))
