@@ -44,6 +44,7 @@ from skimage import data as skimage_data
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddep.atomic import write_text_atomic
 from ddep.config import load_config
 from ddep.data.transforms import pretrain_transforms
 from ddep.data.unlabeled import UnlabeledImages
@@ -196,7 +197,11 @@ def pretrain_steps(model_key: str, variants: list[str], device: torch.device, ba
     host_images = torch.rand(batch, 3, size, size)
     if device.type == "cuda":
         host_images = host_images.pin_memory()  # as the DataLoader hands batches over
-    makers = {"ours": lambda: ours_pretrain_step(config, device, host_images, run_dir), "baseline": lambda: baseline_pretrain_step(config, device, host_images)}
+    makers = {
+        "ours": lambda: ours_pretrain_step(config, device, host_images, run_dir),
+        "checkpointed": lambda: ours_pretrain_step(dict(config, grad_checkpointing=True), device, host_images, run_dir),
+        "baseline": lambda: baseline_pretrain_step(config, device, host_images),
+    }
     return {variant: makers[variant]() for variant in variants}
 
 
@@ -210,11 +215,11 @@ def measure_pretrain_memory(model_key: str, variant: str, device: torch.device, 
         return {"peak_rss_mib": rss, "peak_mib": tensor_peak_mib(step, device), "flop_per_image": flops_per_call(step) / batch}
 
 
-def measure_pretrain_speed(model_key: str, device: torch.device, batch: int, size: int, steps: int, warmup: int) -> dict[str, Any]:
-    """Seconds per step of ours and the baseline, alternating step by step in one process, so that
-    the machine's drift (other load, clocks) falls on both alike."""
+def measure_pretrain_speed(model_key: str, variants: list[str], device: torch.device, batch: int, size: int, steps: int, warmup: int) -> dict[str, Any]:
+    """Seconds per step of each variant, alternating step by step in one process, so that the
+    machine's drift (other load, clocks) falls on all alike."""
     with tempfile.TemporaryDirectory() as run_dir:
-        step = pretrain_steps(model_key, ["ours", "baseline"], device, batch, size, Path(run_dir))
+        step = pretrain_steps(model_key, variants, device, batch, size, Path(run_dir))
         for variant in step:
             timed(step[variant], device, steps=0, warmup=warmup)
         times: dict[str, list[float]] = {variant: [] for variant in step}
@@ -308,7 +313,8 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_all(args: argparse.Namespace) -> dict[str, Any]:
+def run_all(args: argparse.Namespace, save) -> dict[str, Any]:
+    """Every measurement; ``save(result)`` after each model, so a run cut short keeps what it did."""
     device = torch.device(args.device)
     common = ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     result: dict[str, Any] = {"machine": machine(device), "settings": vars(args), "models": {}}
@@ -316,8 +322,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     result["matmul_bf16_tflops"] = ceiling
     for model_key in args.models:
         row: dict[str, Any] = {"batch": args.batch, "size": args.size}
-        times = in_subprocess(["speed", model_key, *common])["step_s"]
-        for variant in ("ours", "baseline"):
+        variants = ["ours", "baseline", *(["checkpointed"] if args.checkpointing else [])]
+        times = in_subprocess(["speed", model_key, *variants, *common])["step_s"]
+        for variant in variants:
             memory = in_subprocess(["memory", model_key, variant, *common])
             row[f"{variant}_img_s"] = args.batch / statistics.median(times[variant])
             row[f"{variant}_peak_mib"] = memory["peak_mib"]
@@ -327,9 +334,13 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         row["ratio"] = row["ours_img_s"] / row["baseline_img_s"]
         row["memory_ratio"] = row["ours_peak_mib"] / row["baseline_peak_mib"]
         row["ours_mfu"] = row["ours_gflop_per_image"] * 1e9 * row["ours_img_s"] / (ceiling * 1e12) if ceiling else None
+        if args.checkpointing:
+            row["checkpointed_ratio"] = row["checkpointed_img_s"] / row["baseline_img_s"]
+            row["checkpointed_memory_ratio"] = row["checkpointed_peak_mib"] / row["baseline_peak_mib"]
         tuning = ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.finetune_steps), "--warmup", str(args.warmup)]
         row.update(in_subprocess(["finetune", model_key, "--eval-size", str(args.eval_size), *tuning]))
         result["models"][model_key] = row
+        save(result)
     with tempfile.TemporaryDirectory() as folder:
         photos, resized = Path(folder) / "photos", Path(folder) / "resized"
         make_photos(photos, len(PHOTO_SIZES) * 4)
@@ -358,6 +369,10 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['baseline_peak_mib']:.0f} | {r['memory_ratio']:.2f} | {r['ours_gflop_per_image']:.1f} | {mfu} | {r['finetune_img_s']:.2f} "
             f"| {ev['whole']:.2f} / {ev['slide']:.2f} / {ev['flip_ms']:.3f} |"
         )
+    for name, r in result["models"].items():
+        if "checkpointed_img_s" in r:
+            lines.append(f"\n{name}, ours with grad_checkpointing: {r['checkpointed_img_s']:.2f} img/s (ratio {r['checkpointed_ratio']:.2f}), "
+                         f"peak {r['checkpointed_peak_mib']:.0f} MiB (memory ratio {r['checkpointed_memory_ratio']:.2f})")
     data = result["data"]
     for workers, rates in data["img_s"].items():
         lines.append(f"\ndata pipeline, {workers} worker(s): {rates['full_decode']:.0f} img/s decoding whole JPEGs, "
@@ -377,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement (the median counts)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--finetune-steps", type=int, default=2, help="timed fine-tuning steps and evaluation passes")
+    parser.add_argument("--checkpointing", action="store_true", help="also measure ours with grad_checkpointing=true")
     parser.add_argument("--eval-size", type=int, default=128, help="evaluation image: this x twice this")
     parser.add_argument("--photos", type=int, default=64, help="images each data worker loads while timed")
     parser.add_argument("--data-workers", type=int, nargs="+", default=[1], help="DataLoader worker counts to time")
@@ -385,9 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is visible here (torch.cuda.is_available() is False)")
     started = time.perf_counter()
-    result = run_all(args)
-    result["seconds"] = time.perf_counter() - started
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    def save(result: dict[str, Any]) -> None:
+        result["seconds"] = time.perf_counter() - started
+        write_text_atomic(args.out, json.dumps(result, indent=2))
+
+    result = run_all(args, save)
+    save(result)
     print(table(result))
     print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
 
@@ -396,7 +415,7 @@ def worker(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["speed", "memory", "finetune"])
     parser.add_argument("model", choices=list(RECIPES))
-    parser.add_argument("variant", nargs="?", choices=["ours", "baseline"])
+    parser.add_argument("variants", nargs="*", help="ours, checkpointed, baseline (speed: several; memory: one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=224)
@@ -407,9 +426,10 @@ def worker(argv: list[str]) -> None:
     logging.disable(logging.WARNING)  # the random-encoder warning is expected here
     device = torch.device(args.device)
     if args.what == "speed":
-        result = measure_pretrain_speed(args.model, device, args.batch, args.size, args.steps, args.warmup)
+        result = measure_pretrain_speed(args.model, args.variants, device, args.batch, args.size, args.steps, args.warmup)
     elif args.what == "memory":
-        result = measure_pretrain_memory(args.model, args.variant, device, args.batch, args.size, args.warmup)
+        (variant,) = args.variants
+        result = measure_pretrain_memory(args.model, variant, device, args.batch, args.size, args.warmup)
     else:
         result = measure_finetune_eval(args.model, device, args.batch, args.size, args.steps, args.warmup, args.eval_size)
     print(json.dumps(result))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one prepared script: about 4 minutes on one H100, under a 5-minute guard.
-# UNet-R50 and TransUNet at 224x224, batch 64, bf16: ours against the straightforward
-# implementation, MFU against the measured bf16 matmul ceiling, fine-tuning and evaluation
-# (on 512x1024 images), and the data pipeline on 1 and 16 workers. Writes bench-gpu.json into
-# $OUT (or here) and prints the table.
+# The GPU benchmark as one prepared script under a 5-minute guard (bench-gpu.json is rewritten after
+# each model, so a run cut short keeps what it measured).
+# UNet-R50 and TransUNet at 224x224, batch 64, bf16: ours (also with grad_checkpointing) against
+# the straightforward implementation, MFU against the measured bf16 matmul ceiling, fine-tuning
+# and evaluation (on 512x1024 images), and the data pipeline on 1 and 16 workers. Writes
+# bench-gpu.json into $OUT (or here) and prints the table.
 #   bash benchmarks/gpu.sh                      # on a GPU machine, from anywhere
 #   DEVICE=cpu BENCH_ARGS="--size 64 ..." bash benchmarks/gpu.sh   # the same script, tried on a CPU
 # BENCH_ARGS come last, so they override any setting below.
@@ -14,4 +15,4 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 out="${OUT:-.}/bench-gpu.json"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
 timeout "${BENCH_TIMEOUT:-300}" "$PYTHON" benchmarks/bench.py --device "${DEVICE:-cuda}" --batch 64 --steps 20 --warmup 5 \
-    --finetune-steps 10 --eval-size 512 --photos 200 --data-workers 1 16 --out "$out" ${BENCH_ARGS:-}
+    --finetune-steps 10 --checkpointing --eval-size 512 --photos 200 --data-workers 1 16 --out "$out" ${BENCH_ARGS:-}

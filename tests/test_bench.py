@@ -18,11 +18,12 @@ def test_gpu_script_runs_on_the_cpu_and_writes_bench_json(tmp_path):
     env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path), BENCH_ARGS=tiny)
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| unet_r50 | 2 |" in done.stdout
+    assert "| unet_r50 | 2 |" in done.stdout and "ours with grad_checkpointing" in done.stdout
     result = json.loads((tmp_path / "bench-gpu.json").read_text())
     row = result["models"]["unet_r50"]
     assert all(row[key] > 0 for key in PROMISED)
     assert row["ratio"] == pytest.approx(row["ours_img_s"] / row["baseline_img_s"])
+    assert row["checkpointed_ratio"] > 0 and row["checkpointed_peak_mib"] <= row["ours_peak_mib"]  # gpu.sh measures it too
     # the frozen encoder's skips get no input gradient in ours: fewer FLOPs than the baseline's step
     assert 0 < row["ours_gflop_per_image"] < row["baseline_gflop_per_image"]
     assert set(row["eval_img_s"]) == {"whole", "slide", "flip_ms"} and min(row["eval_img_s"].values()) > 0

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -165,3 +166,34 @@ def test_decoder_block_equals_convolving_the_concatenated_skip():
     torch.testing.assert_close(ours[1], x.grad)
     torch.testing.assert_close(ours[2], block.conv1[0].weight.grad)
     assert skip.grad is None
+
+
+@pytest.mark.parametrize("arch", ["unet", "transunet"])
+def test_grad_checkpointing_changes_no_result_and_keeps_fewer_activations(arch):
+    """Outputs, gradients and BatchNorm running statistics (updated once per step, not again
+    when the blocks are recomputed) equal those without; autograd keeps fewer bytes."""
+    torch.manual_seed(0)
+    plain = tiny_model(arch).freeze_encoder().train()  # as in decoder pretraining
+    checkpointed = copy.deepcopy(plain).set_grad_checkpointing()
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+
+    def count(tensor, kept):  # activations kept for the backward pass (weights are there anyway)
+        kept.append(0 if isinstance(tensor, torch.nn.Parameter) else tensor.numel() * tensor.element_size())
+        return tensor
+
+    for model in (plain, checkpointed):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count(t, kept), lambda t: t):
+            out = model(x)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}, model.state_dict(), sum(kept)))
+    (out_a, grads_a, state_a, kept_a), (out_b, grads_b, state_b, kept_b) = results
+    torch.testing.assert_close(out_b, out_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+    for name in state_a:  # running means, variances and batch counts too
+        torch.testing.assert_close(state_b[name], state_a[name], msg=name)
+    assert kept_b < 0.8 * kept_a
+    with torch.no_grad():  # inference is unaffected
+        torch.testing.assert_close(checkpointed.eval()(x), plain.eval()(x))

@@ -35,6 +35,7 @@ TRAIN: dict[str, Any] = {
     "amp": "auto",  # auto (bf16 on GPU) | bf16 | fp16 | off
     "channels_last": "auto",
     "compile": False,
+    "grad_checkpointing": False,  # recompute the decoder's highest-resolution blocks in the backward pass: less memory
     "deterministic": False,
     "skip_nonfinite": 0,  # how many batches with a NaN/inf loss a run may skip (counted, logged) before it stops
     "progress": True,

@@ -139,6 +139,7 @@ class Trainer:
             raise ValueError(f"the run has no steps (steps={config['steps']}, epochs={config['epochs']})")
 
         model.to(device)
+        model.set_grad_checkpointing(config["grad_checkpointing"])
         if self.use_channels_last:
             model.to(memory_format=torch.channels_last)
         self.params = [p for p in model.parameters() if p.requires_grad]

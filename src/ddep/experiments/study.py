@@ -45,7 +45,7 @@ STAGES = ("pretrain", "finetune")
 SET_BY_STUDY = {"seed": "one run per seed: use seeds or --seeds", "data.labeled_seed": "the seed: use seeds or --seeds",
                 "init": "the cell's pretraining run, or none with pretrain: false"}
 #: Keys that do not change what a run computes, left out of its hash.
-UNHASHED = ("name", "out_dir", "progress", "log_every")
+UNHASHED = ("name", "out_dir", "progress", "log_every", "grad_checkpointing")
 
 
 @dataclass

@@ -7,11 +7,18 @@ decoder with a 3x3 "center" convolution on the ViT tokens, four blocks, bilinear
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+#: With gradient checkpointing, the blocks at the highest resolutions (1/2 and full size) keep no
+#: activations and run again in the backward pass: most of the decoder's activation memory, and
+#: little of its arithmetic (their few channels make them cheap).
+CHECKPOINTED_BLOCKS = 2
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -78,10 +85,32 @@ class UNetDecoder(nn.Module):
             DecoderBlock(i, s, o, upsample_mode) for i, s, o in zip(in_channels, skip_channels, decoder_channels)
         )
         self.out_channels = decoder_channels[-1]
+        self.grad_checkpointing = False
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         skips = list(features[:-1])[::-1]
         x = self.center(features[-1])
+        recompute_from = len(self.blocks) - CHECKPOINTED_BLOCKS if self.grad_checkpointing and torch.is_grad_enabled() else len(self.blocks)
         for i, block in enumerate(self.blocks):
-            x = block(x, skips[i] if i < len(skips) else None)
+            skip = skips[i] if i < len(skips) else None
+            if i >= recompute_from:
+                x = checkpoint(block, x, skip, use_reentrant=False, context_fn=lambda b=block: (contextlib.nullcontext(), running_stats_kept(b)))
+            else:
+                x = block(x, skip)
         return x
+
+
+@contextlib.contextmanager
+def running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Batch norms run again in the backward pass normalise with the batch's statistics as before
+    but leave their running statistics as the forward pass left them (updated once per step)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kept = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, kept):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)

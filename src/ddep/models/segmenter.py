@@ -67,6 +67,12 @@ class SegmentationModel(nn.Module):
             self.encoder.eval()
         return self
 
+    def set_grad_checkpointing(self, enable: bool = True) -> SegmentationModel:
+        """Trade compute for memory in training: the decoder's highest-resolution blocks keep no
+        activations and are recomputed in the backward pass (same results; see PERFORMANCE.md)."""
+        self.decoder.grad_checkpointing = enable
+        return self
+
     def replace_head(self, classes: int) -> SegmentationModel:
         """A new, randomly initialised head with ``classes`` outputs; every other weight is kept."""
         old = self.segmentation_head
