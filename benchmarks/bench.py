@@ -235,6 +235,8 @@ def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size
     model = build_finetune_model(config, classes=19)
     torch.manual_seed(0)
     host = {"image": torch.randn(batch, 3, size, size), "mask": torch.randint(0, 19, (batch, size, size))}
+    if device.type == "cuda":
+        host = {key: value.pin_memory() for key, value in host.items()}  # as the DataLoader hands batches over
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, model, NoData(), Path(run_dir), DistInfo(), device, 1e-4, "finetune")
 
@@ -245,6 +247,7 @@ def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size
 
         train_times = timed(train_step, device, steps, warmup)
     model.eval()
+    configure_kernels(device, training=False, deterministic=False)  # as evaluate_model runs
     image = torch.randn(1, 3, eval_size, 2 * eval_size, device=device)
     modes = {
         "whole": dict(mode="whole"),
@@ -262,9 +265,9 @@ def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: i
     """Images/s of ``workers`` DataLoader workers: JPEG decoding, the pretraining augmentation
     (random resized crop to ``size``, flip), collation; the photos are read again as needed."""
     dataset = UnlabeledImages(folder, transform=pretrain_transforms(size, (0.25, 1.0)), min_size=min_size, cache_dir=folder / ".cache")
-    batch = 16
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, sampler=[i % len(dataset) for i in range(workers * (per_worker + batch))])
-    batches = iter(loader)
+    batch = 4  # small batches, one in flight per worker: little work done before the clock starts
+    sampler = [i % len(dataset) for i in range(workers * (per_worker + batch))]
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, sampler=sampler, prefetch_factor=1))
     for _ in range(workers):  # every worker has started and made its first batch
         next(batches)
     start = time.perf_counter()
@@ -273,8 +276,10 @@ def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: i
 
 
 def make_photos(folder: Path, count: int, short_side: int | None = None) -> None:
-    """JPEGs (quality 90) of real photos (scikit-image's) resized to ``PHOTO_SIZES``, or to the
-    same shapes with the shorter side ``short_side`` (a data set resized once, offline)."""
+    """JPEGs (quality 90) of real photos (scikit-image's, at most 640 px, so mostly upscaled and
+    smoother, hence quicker to decode, than camera photos) resized to ``PHOTO_SIZES``, or to the
+    same shapes with the shorter side ``short_side`` (a data set resized once, offline; twice the
+    crop keeps every crop of at least a quarter of the image at full detail, as ``min_size``)."""
     folder.mkdir()
     photos = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee(), skimage_data.rocket()]
     for i in range(count):
@@ -316,7 +321,11 @@ def machine(device: torch.device) -> dict[str, Any]:
 def run_all(args: argparse.Namespace, save) -> dict[str, Any]:
     """Every measurement; ``save(result)`` after each model, so a run cut short keeps what it did."""
     device = torch.device(args.device)
-    common = ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    def settings(steps: int) -> list[str]:
+        return ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(steps),
+                "--warmup", str(args.warmup), "--eval-size", str(args.eval_size)]
+
+    common = settings(args.steps)
     result: dict[str, Any] = {"machine": machine(device), "settings": vars(args), "models": {}}
     ceiling = matmul_tflops(device) if device.type == "cuda" else None
     result["matmul_bf16_tflops"] = ceiling
@@ -337,15 +346,14 @@ def run_all(args: argparse.Namespace, save) -> dict[str, Any]:
         if args.checkpointing:
             row["checkpointed_ratio"] = row["checkpointed_img_s"] / row["baseline_img_s"]
             row["checkpointed_memory_ratio"] = row["checkpointed_peak_mib"] / row["baseline_peak_mib"]
-        tuning = ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.finetune_steps), "--warmup", str(args.warmup)]
-        row.update(in_subprocess(["finetune", model_key, "--eval-size", str(args.eval_size), *tuning]))
+        row.update(in_subprocess(["finetune", model_key, *settings(args.finetune_steps)]))
         result["models"][model_key] = row
         save(result)
     with tempfile.TemporaryDirectory() as folder:
         photos, resized = Path(folder) / "photos", Path(folder) / "resized"
         make_photos(photos, len(PHOTO_SIZES) * 4)
-        make_photos(resized, len(PHOTO_SIZES) * 4, short_side=args.size + args.size // 7)
-        result["data"] = {"photo_sizes": PHOTO_SIZES, "reduced_min_size": 2 * args.size, "resized_short_side": args.size + args.size // 7, "img_s": {}}
+        make_photos(resized, len(PHOTO_SIZES) * 4, short_side=2 * args.size)
+        result["data"] = {"photo_sizes": PHOTO_SIZES, "reduced_min_size": 2 * args.size, "resized_short_side": 2 * args.size, "img_s": {}}
         for workers in args.data_workers:
             result["data"]["img_s"][str(workers)] = {
                 "full_decode": measure_data(photos, None, workers, args.photos, args.size),
@@ -383,19 +391,31 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def counting(least: int):
+    """An argparse type: an integer of at least ``least``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}; got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--batch", type=int, default=4, help="images per step (default 4: a CPU-sized batch)")
-    parser.add_argument("--size", type=int, default=224, help="crop side (the paper's pretraining size)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement (the median counts)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--finetune-steps", type=int, default=2, help="timed fine-tuning steps and evaluation passes")
+    parser.add_argument("--batch", type=counting(2), default=4, help="images per step (default 4: a CPU-sized batch; at least 2 for training-mode BatchNorm)")
+    parser.add_argument("--size", type=counting(32), default=224, help="crop side (the paper's pretraining size; a multiple of 32)")
+    parser.add_argument("--steps", type=counting(1), default=6, help="timed steps per measurement (the median counts)")
+    parser.add_argument("--warmup", type=counting(0), default=1, help="untimed steps first")
+    parser.add_argument("--finetune-steps", type=counting(1), default=2, help="timed fine-tuning steps and evaluation passes")
     parser.add_argument("--checkpointing", action="store_true", help="also measure ours with grad_checkpointing=true")
-    parser.add_argument("--eval-size", type=int, default=128, help="evaluation image: this x twice this")
-    parser.add_argument("--photos", type=int, default=64, help="images each data worker loads while timed")
-    parser.add_argument("--data-workers", type=int, nargs="+", default=[1], help="DataLoader worker counts to time")
+    parser.add_argument("--eval-size", type=counting(32), default=128, help="evaluation image: this x twice this (a multiple of 16)")
+    parser.add_argument("--photos", type=counting(1), default=64, help="images each data worker loads while timed")
+    parser.add_argument("--data-workers", type=counting(1), nargs="+", default=[1], help="DataLoader worker counts to time")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -416,12 +436,9 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("what", choices=["speed", "memory", "finetune"])
     parser.add_argument("model", choices=list(RECIPES))
     parser.add_argument("variants", nargs="*", help="ours, checkpointed, baseline (speed: several; memory: one)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--eval-size", type=int, default=128)
+    for option in ("--batch", "--size", "--steps", "--warmup", "--eval-size"):
+        parser.add_argument(option, type=int, required=True)
+    parser.add_argument("--device", required=True)
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # the random-encoder warning is expected here
     device = torch.device(args.device)

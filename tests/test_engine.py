@@ -11,6 +11,7 @@ import torch
 from fake_data import FINETUNE, PRETRAIN, TINY, interrupt_after
 from ddep.cli import main
 from ddep.engine import trainer as trainer_module
+from ddep.engine.evaluate import evaluate_model
 from ddep.engine.run import configure_kernels
 from ddep.engine.checkpoint import load_checkpoint
 from ddep.models.saving import load_model
@@ -166,4 +167,36 @@ def test_cudnn_times_its_algorithms_only_when_training_on_a_gpu_without_determin
     calls = []
     configure_kernels(torch.device(device), training, deterministic)
     assert torch.backends.cudnn.benchmark is benchmark
-    assert calls == ([True] if deterministic else [])
+    assert calls == [deterministic]  # and a later run without determinism switches it off again
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_grad_checkpointing_from_the_config_gives_the_same_weights_and_statistics(data, stage):
+    args = ["data.root=data/images", *PRETRAIN] if stage == "pretrain" else ["data.root=data", *FINETUNE]
+    run(stage, *args, "name=plain")
+    run(stage, *args, "name=checkpointed", "grad_checkpointing=true")
+    plain, checkpointed = weights("runs/plain/checkpoints/last.pt"), weights("runs/checkpointed/checkpoints/last.pt")
+    for key in plain:  # BatchNorm running statistics included: updated once per step either way
+        torch.testing.assert_close(checkpointed[key], plain[key], msg=key)
+
+
+def test_evaluation_lets_cudnn_keep_its_heuristics_and_restores_the_setting(monkeypatch):
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    class OneImage(torch.utils.data.Dataset):
+        num_classes = 2
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return {"image": torch.zeros(3, 8, 8), "mask": torch.zeros(8, 8, dtype=torch.long)}
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    evaluate_model(Probe(), OneImage(), {"mode": "whole"}, torch.device("cpu"))
+    assert seen == [False] and torch.backends.cudnn.benchmark is True

@@ -26,16 +26,20 @@ from .run import start_run
 def evaluate_model(model: nn.Module, dataset, eval_config: dict[str, Any], device: torch.device, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset``; each rank takes every world-th image (no padding, so
     no image counts twice) and the confusion matrices are summed across ranks."""
-    was_training = model.training
+    was_training, timing_kernels = model.training, torch.backends.cudnn.benchmark
     model.eval()
+    torch.backends.cudnn.benchmark = False  # images (and scales) vary: timing kernels per shape would cost more than it saves
     metric = SegMetric(dataset.num_classes)
     shard = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
-    for item in DataLoader(shard, batch_size=1, num_workers=0):
-        image = item["image"].to(device)
-        probabilities = predict(model, image, **eval_config)
-        metric.update(probabilities.argmax(1).cpu(), item["mask"])
+    try:
+        for item in DataLoader(shard, batch_size=1, num_workers=0):
+            image = item["image"].to(device)
+            probabilities = predict(model, image, **eval_config)
+            metric.update(probabilities.argmax(1).cpu(), item["mask"])
+    finally:
+        model.train(was_training)
+        torch.backends.cudnn.benchmark = timing_kernels
     metric.all_reduce()
-    model.train(was_training)
     return metric.compute()
 
 

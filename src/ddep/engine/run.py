@@ -92,7 +92,6 @@ def start_run(config: dict[str, Any], resume: bool = False, training: bool = Tru
 def configure_kernels(device: torch.device, training: bool, deterministic: bool) -> None:
     """Deterministic kernels when asked; otherwise, when training on a GPU, let cuDNN time its
     convolution algorithms once per input shape and keep the fastest, as mmsegmentation does
-    (training crops have one shape; ``ddep evaluate``, whose images vary, keeps the heuristics)."""
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
+    (training crops have one shape; evaluation, whose images vary, turns it off meanwhile)."""
+    torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = training and device.type == "cuda" and not deterministic
