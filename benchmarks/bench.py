@@ -210,7 +210,7 @@ def measure_pretrain_memory(model_key: str, variant: str, device: torch.device, 
     after plain steps, before the FLOP counter and the profiler add their own."""
     with tempfile.TemporaryDirectory() as run_dir:
         step = pretrain_steps(model_key, [variant], device, batch, size, Path(run_dir))[variant]
-        timed(step, device, steps=2, warmup=max(1, warmup))
+        timed(step, device, steps=1, warmup=max(1, warmup))
         rss = peak_rss_mib()
         return {"peak_rss_mib": rss, "peak_mib": tensor_peak_mib(step, device), "flop_per_image": flops_per_call(step) / batch}
 
@@ -409,12 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--batch", type=counting(2), default=4, help="images per step (default 4: a CPU-sized batch; at least 2 for training-mode BatchNorm)")
     parser.add_argument("--size", type=counting(32), default=224, help="crop side (the paper's pretraining size; a multiple of 32)")
-    parser.add_argument("--steps", type=counting(1), default=6, help="timed steps per measurement (the median counts)")
+    parser.add_argument("--steps", type=counting(1), default=5, help="timed steps per measurement (the median counts)")
     parser.add_argument("--warmup", type=counting(0), default=1, help="untimed steps first")
     parser.add_argument("--finetune-steps", type=counting(1), default=2, help="timed fine-tuning steps and evaluation passes")
     parser.add_argument("--checkpointing", action="store_true", help="also measure ours with grad_checkpointing=true")
     parser.add_argument("--eval-size", type=counting(32), default=128, help="evaluation image: this x twice this (a multiple of 16)")
-    parser.add_argument("--photos", type=counting(1), default=64, help="images each data worker loads while timed")
+    parser.add_argument("--photos", type=counting(1), default=48, help="images each data worker loads while timed")
     parser.add_argument("--data-workers", type=counting(1), nargs="+", default=[1], help="DataLoader worker counts to time")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
