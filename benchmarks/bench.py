@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -318,9 +319,10 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_all(args: argparse.Namespace, save) -> dict[str, Any]:
+def run_all(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Every measurement; ``save(result)`` after each model, so a run cut short keeps what it did."""
     device = torch.device(args.device)
+
     def settings(steps: int) -> list[str]:
         return ["--device", args.device, "--batch", str(args.batch), "--size", str(args.size), "--steps", str(steps),
                 "--warmup", str(args.warmup), "--eval-size", str(args.eval_size)]
