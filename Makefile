@@ -1,6 +1,6 @@
 # Quick start: `make demo` runs the method end to end, `make test` runs the test suite,
 # `make bench` measures throughput and memory on the CPU (about 4 minutes; writes bench.json).
-# Both create .venv and install the project into it when needed.
+# Each creates .venv and installs the project into it when needed.
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.ddep-installed

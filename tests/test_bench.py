@@ -40,16 +40,28 @@ def load_bench():
     return module
 
 
-def test_matmul_ceiling_counts_two_flops_per_multiply_add(monkeypatch):
+def test_matmul_ceiling_counts_two_flops_per_multiply_add_at_the_best_time(monkeypatch):
     bench = load_bench()
-    monkeypatch.setattr(bench, "timed", lambda call, device, steps, warmup: [call() is not None and 0.5, 0.25])
+    products = []
+
+    def fake_timed(call, device, steps, warmup):
+        products.append(call())
+        return [0.5, 0.25]
+
+    monkeypatch.setattr(bench, "timed", fake_timed)
     assert bench.matmul_tflops(torch.device("cpu"), n=64) == pytest.approx(2 * 64**3 / 0.25 / 1e12)
+    assert products[0].shape == (64, 64) and products[0].dtype == torch.bfloat16
 
 
-def test_cuda_without_a_gpu_is_refused_in_one_line(capsys):
-    if torch.cuda.is_available():
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "--device cuda: no CUDA device is visible"),
+    (["--steps", "0"], "argument --steps: must be at least 1; got 0"),
+    (["--batch", "1"], "argument --batch: must be at least 2; got 1"),
+])
+def test_bad_settings_are_refused_in_one_line(capsys, args, message):
+    if torch.cuda.is_available() and "cuda" in args:
         pytest.skip("a GPU is visible")
     with pytest.raises(SystemExit) as exit_info:
-        load_bench().main(["--device", "cuda"])
+        load_bench().main(args)
     assert exit_info.value.code == 2
-    assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
