@@ -155,9 +155,7 @@ def ours_pretrain_step(config: dict[str, Any], device: torch.device, host_images
 def baseline_pretrain_step(config: dict[str, Any], device: torch.device, host_images: torch.Tensor):
     """The straightforward implementation (see the module's docstring)."""
     def concatenating_forward(self, x, skip=None):
-        size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
-        align = {} if self.upsample_mode == "nearest" else {"align_corners": False}
-        x = F.interpolate(x, size=size, mode=self.upsample_mode, **align)
+        x = self.upsample(x, skip)
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.conv2(self.conv1(x))

@@ -38,10 +38,14 @@ class DecoderBlock(nn.Module):
         self.conv1 = conv_bn_relu(in_channels + skip_channels, out_channels)
         self.conv2 = conv_bn_relu(out_channels, out_channels)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def upsample(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` at the skip's size, or twice its own without a skip."""
         size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
         align = {} if self.upsample_mode == "nearest" else {"align_corners": False}
-        x = F.interpolate(x, size=size, mode=self.upsample_mode, **align)
+        return F.interpolate(x, size=size, mode=self.upsample_mode, **align)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.upsample(x, skip)
         conv, norm, act = self.conv1
         if skip is None:
             y = conv(x)
