@@ -34,6 +34,11 @@ def previous_checkpoint(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}-previous{path.suffix}")
 
 
+def checkpoint_path(run_dir: str | os.PathLike, name: str = "last.pt") -> Path:
+    """Where a run folder keeps the checkpoint called ``name``."""
+    return Path(run_dir) / "checkpoints" / name
+
+
 def resumable_checkpoints(path: str | os.PathLike) -> list[Path]:
     """The files a run could resume from, in the order to try them: ``path``, then the one it replaced."""
     return [p for p in (Path(path), previous_checkpoint(path)) if p.is_file()]

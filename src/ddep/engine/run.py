@@ -11,7 +11,7 @@ import torch
 
 from ..config import save_config
 from ..models.transunet import PATCH_STRIDE
-from .checkpoint import resumable_checkpoints
+from .checkpoint import checkpoint_path, resumable_checkpoints
 from .distributed import DistInfo, init_distributed, resolve_device
 
 
@@ -24,7 +24,7 @@ class Run:
 
 def last_checkpoint(config: dict[str, Any]) -> Path:
     """Where a training run's resumable checkpoint lives."""
-    return Path(config["out_dir"]) / config["name"] / "checkpoints" / "last.pt"
+    return checkpoint_path(Path(config["out_dir"]) / config["name"])
 
 
 def can_resume(config: dict[str, Any]) -> bool:
@@ -81,7 +81,7 @@ def start_run(config: dict[str, Any], resume: bool = False, training: bool = Tru
         except OSError as e:
             raise PermissionError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
         save_config(config, run_dir / "config.yaml")
-        remove_stale_temporaries(run_dir / "checkpoints")
+        remove_stale_temporaries(checkpoint_path(run_dir).parent)
     seed = config["seed"] + dist_info.rank
     random.seed(seed)
     torch.manual_seed(seed)

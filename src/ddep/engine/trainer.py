@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import load_resumable, save_checkpoint
+from .checkpoint import checkpoint_path, load_resumable, save_checkpoint
 from .distributed import DistInfo, all_reduce_mean
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Trainer:
         self.step = 0
         self.extra: dict[str, Any] = {}
         if resume:
-            self.load(self.checkpoint_path("last.pt"))
+            self.load(checkpoint_path(self.run_dir, "last.pt"))
         self.loader = DataLoader(
             SeededItems(dataset, config["seed"]),
             batch_size=self.batch_size,
@@ -220,7 +220,7 @@ class Trainer:
             if skipped >= self.config["skip_nonfinite"]:
                 raise FloatingPointError(
                     f"{self.stage}: loss is {value} at step {self.step + 1} ({skipped} such batches skipped before); the last "
-                    f"good checkpoint is {self.checkpoint_path('last.pt')} (try a lower optim.lr or "
+                    f"good checkpoint is {checkpoint_path(self.run_dir, 'last.pt')} (try a lower optim.lr or "
                     "optim.clip_grad_norm, or skip_nonfinite=N to skip up to N such batches)"
                 )
             self.extra["skipped_nonfinite"] = skipped + 1
@@ -321,11 +321,8 @@ class Trainer:
             "extra": self.extra,
         }
 
-    def checkpoint_path(self, name: str) -> Path:
-        return self.run_dir / "checkpoints" / name
-
     def save(self, name: str) -> Path:
-        path = self.checkpoint_path(name)
+        path = checkpoint_path(self.run_dir, name)
         if self.dist.is_main:
             save_checkpoint(self.state_dict(), path, keep_previous=name == "last.pt")
         return path
