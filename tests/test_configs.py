@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+import fake_data
 from ddep.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -35,3 +36,26 @@ def test_there_are_paper_recipes():
 def test_choice_keys_accept_yaml_booleans(text, key, value):
     got = load_config("pretrain", overrides=[text])[key]
     assert got == value and type(got) is type(value)
+
+
+#: Training images of the real datasets: the paper's "100 epochs" are counted over all of them.
+FULL_TRAIN_IMAGES = {"cityscapes": 2975, "ade20k": 20210, "pascal_context": 4996}
+FAKE_TREES = {"cityscapes": lambda root: fake_data.cityscapes(fake_data.cityscapes(root), "val"),
+              "ade20k": fake_data.ade20k, "pascal_context": fake_data.pascal_context}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "finetune").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_budgets_do_not_shrink_with_the_label_fraction(tmp_path, path):
+    from ddep.engine.finetune import plan_finetune
+
+    dataset = load_config("finetune", path)["data"]["dataset"]
+    root = FAKE_TREES[dataset](tmp_path)
+    plans = {amount: plan_finetune(load_config("finetune", path, [f"data.root={root}", f"data.labeled={amount}"]))
+             for amount in ("1/30", "1/1")}
+    few, full = plans["1/30"], plans["1/1"]
+    assert few["steps"] == full["steps"] and few["images_seen"] == full["images_seen"]
+    assert few["images_per_step"] == 512 and few["warmup_steps"] > 0
+    # 100 epochs over the whole training set, whatever part of it keeps its labels
+    assert full["images_seen"] >= 100 * FULL_TRAIN_IMAGES[dataset] > full["images_seen"] - 512
+    assert dataset != "cityscapes" or few["steps"] >= 200
+    assert few["epochs_over_labeled"] >= full["epochs_over_labeled"] and few["selected_on"] is None

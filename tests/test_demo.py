@@ -25,7 +25,7 @@ def test_quick_demo_writes_results_report_and_plots(tmp_path, capsys):
             assert all(0.0 <= v <= 100.0 for v in values)
     assert set(record["timings"]) >= {"pretrain_s", "finetune_and_evaluate_s", "report_s", "total_s"}
     assert all(v >= 0 for v in record["timings"].values())
-    for name in ("report.md", "miou_vs_labels.png", "predictions.png"):
+    for name in ("report.md", "miou_vs_labels.png", "denoising.png", "predictions.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "miou_vs_labels.png").read_bytes()[:4] == b"\x89PNG"
     # the printed table has a row per label count with both starts and the difference

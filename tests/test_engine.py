@@ -33,15 +33,17 @@ def test_pretrain_finetune_evaluate_chain(data):
     run("finetune", "init=runs/pretrain/checkpoints/last.pt", "data.root=data", *FINETUNE)
     fine = Path("runs/finetune")
     metrics = json.loads((fine / "metrics.json").read_text())
-    assert {"aAcc", "mIoU", "mAcc", "IoU", "inference", "split_hash", "checkpoint_hash", "best_mIoU"} <= set(metrics)
-    assert (fine / "checkpoints" / "best.pt").is_file() and len(metrics["IoU"]) == 3
-    model = load_model(fine / "checkpoints" / "best.pt")
+    assert {"aAcc", "mIoU", "mAcc", "IoU", "inference", "split_hash", "checkpoint_hash", "selected_on"} <= set(metrics)
+    # no checkpoint is chosen on the reported split: the final one is the result
+    assert metrics["selected_on"] is None and metrics["checkpoint"].endswith("last.pt") and len(metrics["IoU"]) == 3
+    assert not (fine / "checkpoints" / "best.pt").exists()
+    model = load_model(fine / "checkpoints" / "last.pt")
     assert model.config["classes"] == 3
     pretrained = load_model(pre / "model")
     # fine-tuning started from the pretrained decoder: the same architecture, weights moved on
     assert pretrained.decoder.blocks[0].conv1[0].weight.shape == model.decoder.blocks[0].conv1[0].weight.shape
 
-    run("evaluate", "checkpoint=runs/finetune/checkpoints/best.pt", "data.root=data", "data.options={num_classes: 3}",
+    run("evaluate", "checkpoint=runs/finetune/checkpoints/last.pt", "data.root=data", "data.options={num_classes: 3}",
         "eval.flip=true", "eval.scales=[0.75, 1.0]", "name=eval-tta")
     evaluated = json.loads(Path("runs/eval-tta/metrics.json").read_text())
     assert evaluated["inference"]["flip"] is True and evaluated["inference"]["scales"] == [0.75, 1.0]
@@ -51,7 +53,7 @@ def test_pretrain_finetune_evaluate_chain(data):
     masks = sorted(p.name for p in Path("preds").iterdir())
     assert masks[:2] == ["0.png", "0_overlay.jpg"] and len(masks) == 10
 
-    run("export", "checkpoint=runs/finetune/checkpoints/best.pt", "output=exported", "onnx=true", "onnx_size=[32, 32]")
+    run("export", "checkpoint=runs/finetune/checkpoints/last.pt", "output=exported", "onnx=true", "onnx_size=[32, 32]")
     import onnx
 
     onnx.checker.check_model("exported/model.onnx")
@@ -146,7 +148,7 @@ def test_the_final_checkpoint_is_written_once_after_the_final_evaluation(data, m
     original = trainer_module.Trainer.save
 
     def record(self, name):
-        saves.append((name, self.step, "last_metrics" in self.extra))
+        saves.append((name, self.step, "final_metrics" in self.extra))
         return original(self, name)
 
     monkeypatch.setattr(trainer_module.Trainer, "save", record)
@@ -201,3 +203,79 @@ def test_evaluation_lets_cudnn_keep_its_heuristics_and_restores_the_setting(monk
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     evaluate_model(Probe(), OneImage(), {"mode": "whole"}, torch.device("cpu"))
     assert seen == [False] and torch.backends.cudnn.benchmark is True
+
+
+def test_a_held_out_part_of_the_labeled_images_chooses_the_checkpoint(data):
+    from ddep.config import load_config
+    from ddep.data.splits import split_hash
+    from ddep.engine.finetune import finetune_data
+
+    args = ["data.root=data", *FINETUNE, "data.select_fraction=0.34", "eval_every=1"]
+    sets = finetune_data(load_config("finetune", overrides=args))
+    trained, held = set(sets.train.pairs), set(sets.select.pairs)
+    assert len(held) == 3 and len(trained) == 3 and not trained & held  # ceil(0.34 x 6), disjoint
+    everything = finetune_data(load_config("finetune", overrides=["data.root=data", *FINETUNE])).train.pairs
+    assert trained | held == set(everything) and sets.select is not None
+    assert all(pair[0].startswith("images/train/") for pair in held)  # never the reported split
+
+    run("finetune", *args)
+    metrics = json.loads(Path("runs/finetune/metrics.json").read_text())
+    best = load_checkpoint("runs/finetune/checkpoints/best.pt")
+    assert metrics["selected_on"] == split_hash(sets.select.pairs) and metrics["select_images"] == 3
+    assert metrics["checkpoint"].endswith("best.pt") and metrics["selected_step"] == best["step"]
+    assert metrics["train_images"] == 3 and metrics["train_split_hash"] == split_hash(sets.train.pairs)
+    logged = Path("runs/finetune/log.csv").read_text()
+    select_scores = [float(line.split(",")[2]) for line in logged.splitlines() if ",select_mIoU," in line]
+    assert len(select_scores) == 4 and max(select_scores) == pytest.approx(metrics["select_mIoU"], abs=1e-4)
+    # the exported model is the chosen checkpoint's
+    chosen = load_model("runs/finetune/model").state_dict()
+    assert all(torch.equal(chosen[k], v) for k, v in best["model"].items())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data.select_fraction=0.5", "eval_every=0"], "data.select_fraction chooses a checkpoint among the periodic evaluations: set eval_every > 0"),
+    (["data.select_fraction=1.0"], "data.select_fraction must be in (0, 1)"),
+    (["data.select_fraction=0.9", "data.labeled=1"], "data.select_fraction=0.9 of 1 labeled images leaves none to train on"),
+])
+def test_bad_held_out_settings_are_refused_before_a_run_folder_exists(data, capsys, args, message):
+    assert main(["finetune", "data.root=data", *FINETUNE, *args]) == 1
+    assert message in capsys.readouterr().err and not Path("runs/finetune").exists()
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_dry_run_prints_the_plan_and_builds_nothing(data, capsys, monkeypatch, stage):
+    import ddep.engine.finetune
+    import ddep.engine.pretrain
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run built a model")
+
+    monkeypatch.setattr(ddep.engine.pretrain, "build_model", refuse)
+    monkeypatch.setattr(ddep.engine.finetune, "build_model", refuse)
+    common = [*TINY, "data.batch_size=2", "optim.grad_accum=3", "epochs=4", "steps=null", "model.encoder_weights=imagenet"]
+    args = ["data.root=data/images"] if stage == "pretrain" else ["data.root=data", "data.options={num_classes: 3}", "data.labeled=4"]
+    run(stage, "--dry-run", *args, *common)
+    plan = json.loads(capsys.readouterr().out)
+    images = 11 if stage == "pretrain" else 4  # pretraining reads every image under the root
+    steps = -(-4 * images // 6)  # ceil(epochs x images / (batch x accumulation))
+    assert plan["steps"] == steps and plan["images_per_step"] == 6 and plan["train_images"] == images
+    assert plan["images_seen"] == steps * 6 and plan["processes"] == 1
+    assert plan["epochs" if stage == "pretrain" else "epochs_over_labeled"] == round(steps * 6 / images, 2)
+    assert not Path("runs").exists()
+
+
+def test_fp16_scaler_state_survives_resume(data, monkeypatch):
+    """fp16 needs loss scaling (GradScaler); its scale and growth tracker resume with the run."""
+    args = ["data.root=data", *FINETUNE, "amp=fp16", "eval_every=0"]
+    run("finetune", *args, "name=straight")
+    interrupt_after(monkeypatch, "finetune", [*args, "name=interrupted"], step=2)
+    saved = load_checkpoint("runs/interrupted/checkpoints/last.pt")["scaler"]
+    assert saved["scale"] == 65536.0 and saved["_growth_tracker"] == 2  # two steps without overflow
+    run("finetune", *args, "name=interrupted", "--resume")
+    straight, resumed = load_checkpoint("runs/straight/checkpoints/last.pt"), load_checkpoint("runs/interrupted/checkpoints/last.pt")
+    assert straight["scaler"] == resumed["scaler"] and resumed["scaler"]["_growth_tracker"] == 4
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+    # bf16 and fp32 runs carry no scaler state
+    run("finetune", "data.root=data", *FINETUNE, "steps=1", "eval_every=0", "name=fp32")
+    assert load_checkpoint("runs/fp32/checkpoints/last.pt")["scaler"] == {}

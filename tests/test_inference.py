@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -129,12 +130,68 @@ def test_multiscale_on_constant_images_equals_whole():
         assert close(probs, predict_whole(model, x))
 
 
-def test_multiscale_resizes_to_rounded_sizes_and_probabilities_sum_to_one():
+def test_multiscale_sizes_follow_mmcv_rescale_and_probabilities_sum_to_one():
     model = Recorder(ColumnRamp())
     probs = predict_tta(model, image(10, 13), scales=(0.5, 1.0, 1.5), flip=True)
-    assert model.sizes == [(5, 6)] * 2 + [(10, 13)] * 2 + [(15, 20)] * 2  # round(6.5) = 6, round(19.5) = 20
+    # mmcv: box (int(13 s), int(10 s)), factor min(long / 13, short / 10), sides int(x * factor + 0.5).
+    # s = 0.5: box (6, 5), factor 6/13 -> (int(5.12), int(6.5)) = (5, 6);
+    # s = 1.5: box (19, 15), factor 19/13 -> (int(15.12), int(19.5)) = (15, 19), not round(19.5) = 20
+    assert model.sizes == [(5, 6)] * 2 + [(10, 13)] * 2 + [(15, 19)] * 2
     assert probs.shape == (2, K, 10, 13)
     assert close(probs.sum(1), torch.ones(2, 10, 13)) and bool((probs >= 0).all())
+
+
+def test_test_scale_resizes_the_input_and_returns_the_original_size():
+    x = image(50, 100, b=1)
+    for mode, kwargs in (("whole", {}), ("slide", {"crop_size": 32, "stride": 16}), ("cityscapes-halves", {})):
+        model = Recorder(per_pixel_model())
+        probs = predict(model, x, mode, test_scale=(64, 32), **kwargs)  # factor min(64/100, 32/50) = 0.64
+        assert probs.shape == (1, K, 50, 100)
+        assert {"whole": [(32, 64)], "slide": [(32, 32)] * 3, "cityscapes-halves": [(32, 32)] * 2}[mode] == model.sizes
+    model = Recorder(per_pixel_model())
+    predict_tta(model, x, scales=(0.5, 0.75, 1.0), flip=False, test_scale=[32, 64])  # either order, ratios of the box
+    assert model.sizes == [(16, 32), (24, 48), (32, 64)]
+    cityscapes = Recorder(per_pixel_model())
+    predict(cityscapes, image(16, 32, b=1), test_scale=(32, 16))  # as Cityscapes' (2048, 1024) keeps 1024x2048
+    assert cityscapes.sizes == [(16, 32)]
+
+
+def test_test_scale_rounding_is_mmcvs():
+    # 4x5 into (100, 2): factor min(100 / 5, 2 / 4) = 0.5 -> (int(2.0 + 0.5), int(2.5 + 0.5)) = (2, 3);
+    # Python's round(2.5) would give 2
+    model = Recorder(per_pixel_model())
+    assert predict(model, image(4, 5), test_scale=(100, 2)).shape == (2, K, 4, 5)
+    assert model.sizes == [(2, 3)]
+
+
+class Checker(nn.Module):
+    """Class 0's logit is 4 on a checkerboard's black squares and 0 elsewhere; class 1's is 0."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        board = ((torch.arange(h)[:, None] + torch.arange(w)) % 2 * 4.0).expand(x.shape[0], 1, h, w)
+        return torch.cat([board, torch.zeros_like(board)], dim=1)
+
+
+def test_logits_are_resized_to_the_original_size_before_the_softmax():
+    # 2x2 into (4, 4): the model sees 4x4; halving bilinearly (align_corners=False) averages each
+    # 2x2 block, so class 0's logit is 2 everywhere and its probability 1 / (1 + e^-2) = 0.881, not
+    # the mean of the probabilities (1/2 + 1 / (1 + e^-4)) / 2 = 0.741
+    probs = predict(Checker(), torch.zeros(1, 3, 2, 2), test_scale=(4, 4))
+    assert probs.shape == (1, 2, 2, 2)
+    assert torch.allclose(probs[:, 0], torch.full((1, 2, 2), 1 / (1 + math.exp(-2))))
+    # passes are averaged as probabilities: the 4x4 pass (scale 1) with the 2x2 pass (scale 0.5)
+    two = predict(Checker(), torch.zeros(1, 3, 2, 2), scales=(0.5, 1.0), test_scale=(4, 4))
+    direct = torch.tensor([[0.0, 4.0], [4.0, 0.0]]).sigmoid()  # the 2x2 pass's own checkerboard
+    assert torch.allclose(two[0, 0], (direct + 1 / (1 + math.exp(-2))) / 2)
+
+
+def test_cityscapes_halves_of_an_odd_resized_width_overlap_by_a_column():
+    model = Recorder(per_pixel_model())
+    x = image(2, 10)
+    probs = predict(model, x, "cityscapes-halves", scales=(0.7,))  # box (7, 1): factor 0.5 -> 1x5
+    assert model.sizes == [(1, 3), (1, 3)] and probs.shape == (2, K, 2, 10)
+    assert close(probs, predict_tta(per_pixel_model(), x, scales=(0.7,), flip=False))
 
 
 def test_size_divisor_pads_for_models_that_need_multiples_of_16():
@@ -196,6 +253,11 @@ def test_errors():
         predict_whole(model, x[0])
     with pytest.raises(ValueError, match="logits B x K x H x W at its input's resolution"):
         predict_whole(nn.Conv2d(3, K, 3), x)  # no padding: output smaller than the input
+    message = r"^test_scale must be None or a pair \(long, short\) of positive ints; got "
+    for bad in ((0, 512), (512,), 512, "2048x512", (2048.0, 512), (True, 512), (2048, 512, 1)):
+        with pytest.raises(ValueError, match=message) as err:
+            predict(model, x, test_scale=bad)
+        assert "\n" not in str(err.value)
 
 
 def test_describe_mode_is_json_serialisable():
@@ -207,8 +269,11 @@ def test_describe_mode_is_json_serialisable():
         "crop_size": [512, 512],
         "stride": [341, 341],
         "size_divisor": None,
+        "test_scale": None,
     }
     whole = describe_mode(crop_size=512, stride=341)
     assert whole["mode"] == "whole" and whole["crop_size"] is None and whole["stride"] is None
+    assert describe_mode(test_scale=(2048, 512))["test_scale"] == [2048, 512]
+    assert describe_mode(test_scale=[512, 2048])["test_scale"] == [2048, 512]  # (long, short) whichever order given
     with pytest.raises(ValueError, match="unknown inference mode"):
         describe_mode("tiles")

@@ -53,24 +53,109 @@ def test_transunet_non_square_inputs(size):
         assert model(torch.randn(1, 3, *size)).shape == (1, 4, *size)
 
 
-def test_transunet_tokens_match_timm_at_the_native_size():
-    encoder = tiny_model("transunet").eval().encoder
+@pytest.mark.parametrize("class_token", [False, True])
+def test_transunet_tokens_match_timm_at_the_native_size(class_token):
+    encoder = tiny_model("transunet", class_token=class_token).eval().encoder
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         ours = encoder(x)[-1]
-        timm_tokens = encoder.model.forward_features(x)[:, 1:]  # drop the class token
+        timm_tokens = encoder.model.forward_features(x)[:, int(class_token) :]  # the patch tokens
     assert torch.allclose(ours.flatten(2).transpose(1, 2), timm_tokens, atol=1e-5)
 
 
 def test_transunet_position_embedding_is_resampled_for_other_grids():
     encoder = tiny_model("transunet").eval().encoder
-    assert encoder.model.pos_embed.shape[1] == 1 + 14 * 14
     x = torch.randn(1, 3, 32, 64)  # a 2 x 4 token grid
     with torch.no_grad():
         before = encoder(x)[-1]
-        encoder.model.pos_embed[:, 1:].zero_()
+        encoder.model.pos_embed.zero_()
         after = encoder(x)[-1]
     assert not torch.allclose(before, after)
+
+
+def test_transunet_has_no_class_token_by_default_as_the_official_code():
+    """The official Embeddings hold patch tokens plus their position embeddings, nothing else;
+    the class token's parameter is gone (an unused one would break DDP): every parameter learns."""
+    model = tiny_model("transunet", decoder_channels=(8, 8, 8, 8), center_channels=8).train()
+    vit = model.encoder.model
+    assert vit.cls_token is None and vit.num_prefix_tokens == 0
+    assert not [n for n, _ in model.named_parameters() if "cls_token" in n]
+    assert vit.pos_embed.shape == (1, 14 * 14, 64)
+    model(torch.randn(1, 3, 32, 32)).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    timm_like = tiny_model("transunet", class_token=True).encoder.model
+    assert timm_like.cls_token.shape == (1, 1, 64) and timm_like.num_prefix_tokens == 1
+    assert timm_like.pos_embed.shape == (1, 1 + 14 * 14, 64)
+
+
+def dropout_rates(encoder: torch.nn.Module) -> dict[str, float]:
+    return {n: m.p for n, m in encoder.named_modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def test_transunet_dropout_where_the_official_model_has_it():
+    """Official TransUNet (R50-ViT-B_16 config): dropout_rate 0.1 after the position embeddings
+    and twice in each MLP; attention_dropout_rate 0.0 on the attention weights and after the
+    output projection. dropout=0.0 is timm's ViT."""
+    options = dict(TINY_TRANSUNET, depth=2)
+    official = {"pos_drop": 0.1}
+    for i in range(2):
+        official |= {f"blocks.{i}.attn.attn_drop": 0.0, f"blocks.{i}.attn.proj_drop": 0.0}
+        official |= {f"blocks.{i}.mlp.drop1": 0.1, f"blocks.{i}.mlp.drop2": 0.1}
+    rates = dropout_rates(ddep.build_model("transunet", **options).encoder.model)
+    assert {n: p for n, p in rates.items() if not n.startswith(("patch_embed.", "head_drop"))} == official  # unused heads
+    assert set(dropout_rates(ddep.build_model("transunet", dropout=0.0, **options).encoder).values()) == {0.0}
+
+
+def test_frozen_encoder_has_no_dropout_in_train_mode():
+    model = tiny_model("transunet").train()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        first, second = model.encoder(x)[-1], model.encoder(x)[-1]
+        assert not torch.allclose(first, second)  # dropout at work while the encoder trains
+        model.freeze_encoder().train()
+        first, second = model.encoder(x)[-1], model.encoder(x)[-1]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    "arch, options, mode, align",
+    [("transunet", {}, "bilinear", True), ("transunet", {"align_corners": False}, "bilinear", False), ("unet", {}, "nearest", None)],
+)
+def test_decoder_upsampling(arch, options, mode, align):
+    """TransUNet upsamples as the official nn.UpsamplingBilinear2d(scale_factor=2), i.e. bilinear
+    with align_corners=True; UNet with nearest neighbours."""
+    decoder = tiny_model(arch, **options).decoder
+    x = torch.randn(1, 2, 4, 6)
+    expected = F.interpolate(x, scale_factor=2, mode=mode, **({} if align is None else {"align_corners": align}))
+    for block in decoder.blocks[0], decoder.blocks[-1]:  # with a skip and without
+        torch.testing.assert_close(block.upsample(x, torch.empty(1, 1, 8, 12)), expected)
+        torch.testing.assert_close(block.upsample(x), expected)
+    if align:
+        torch.testing.assert_close(expected, torch.nn.UpsamplingBilinear2d(scale_factor=2)(x))
+        assert not torch.allclose(expected, F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+    with pytest.raises(ValueError, match="align_corners=True needs an interpolating upsample_mode"):
+        DecoderBlock(2, 0, 2, "nearest", align_corners=True)
+
+
+def test_transunet_options_are_in_the_config_and_rebuild_the_model():
+    timm_like = dict(class_token=True, dropout=0.0, align_corners=False)
+    model = tiny_model("transunet", **timm_like)
+    assert {k: model.config[k] for k in timm_like} == timm_like
+    rebuilt = ddep.build_model(**json.loads(json.dumps(model.config)))
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    assert "encoder.model.cls_token" in rebuilt.state_dict()
+    assert set(dropout_rates(rebuilt.encoder).values()) == {0.0}
+    assert rebuilt.decoder.blocks[0].align_corners is False
+
+
+def test_a_model_saved_with_the_class_token_gets_a_clear_error_under_the_new_defaults():
+    """Models exported before the official defaults carry a class token and no option saying so."""
+    from ddep.models.saving import model_from_state
+
+    old = tiny_model("transunet", class_token=True)
+    config = {k: v for k, v in old.config.items() if k != "class_token"}
+    with pytest.raises(ValueError, match=r"1 unexpected, 1 of another shape, e\.g\. encoder\.model\.cls_token, encoder\.model\.pos_embed"):
+        model_from_state(config, old.state_dict(), "old.safetensors")
 
 
 def test_transunet_refuses_sides_not_multiple_of_16():

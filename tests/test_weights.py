@@ -1,4 +1,5 @@
 import pickle
+from functools import partial
 
 import numpy as np
 import pytest
@@ -7,10 +8,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
+from timm.layers import HybridEmbed
 
 import ddep
 from ddep.models import OFFLINE_WEIGHTS
-from ddep.models.weights import load_into, read_state_dict
+from ddep.models.transunet import hybrid_backbone
+from ddep.models.weights import load_into, pretrained_name, read_state_dict
 
 
 @pytest.fixture
@@ -68,13 +71,45 @@ def test_efficientnet_lite0_encoder_for_unet(no_network):
     assert model.config["mean"] == [0.5, 0.5, 0.5]
 
 
-def test_transunet_loads_a_local_file(tmp_path):
-    tiny = dict(depth=1, embed_dim=64, num_heads=2, resnet_layers=(1, 1, 1), resnet_width=0.5)
-    source = ddep.build_model("transunet", **tiny)
+def test_transunet_loads_a_timm_file_with_its_class_token(tmp_path):
+    """A timm checkpoint has a class token and its position embedding first: by default both
+    go after loading (patch tokens keep theirs); class_token=True keeps timm's tensors as they are."""
+    tiny = dict(depth=1, embed_dim=64, num_heads=2)
+    trunk = dict(resnet_layers=(1, 1, 1), resnet_width=0.5)
+    classifier = timm.create_model("vit_base_r50_s16_224", embed_layer=partial(HybridEmbed, backbone=hybrid_backbone((1, 1, 1), 0.5)), **tiny)
+    state = classifier.state_dict()
+    assert state["pos_embed"].shape == (1, 1 + 14 * 14, 64)
     path = tmp_path / "hybrid.safetensors"
-    save_file({k: v.contiguous() for k, v in source.encoder.model.state_dict().items()}, str(path))
-    model = ddep.build_model("transunet", encoder_weights=str(path), **tiny)
-    assert torch.equal(model.encoder.model.pos_embed, source.encoder.model.pos_embed)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    official = ddep.build_model("transunet", encoder_weights=str(path), **tiny, **trunk).encoder.model
+    assert torch.equal(official.pos_embed, state["pos_embed"][:, 1:])
+    assert torch.equal(official.blocks[0].mlp.fc1.weight, state["blocks.0.mlp.fc1.weight"])
+    timm_like = ddep.build_model("transunet", encoder_weights=str(path), class_token=True, **tiny, **trunk).encoder.model
+    assert torch.equal(timm_like.pos_embed, state["pos_embed"]) and torch.equal(timm_like.cls_token, state["cls_token"])
+
+
+@pytest.mark.parametrize(
+    "encoder, tag, name",
+    [
+        ("resnet50", "imagenet", "resnet50.tv_in1k"),  # torchvision's weights, as smp's "imagenet"
+        ("resnet18.a1_in1k", "imagenet", "resnet18.tv_in1k"),
+        ("resnet50", "default", "resnet50"),  # timm's default tag (a1_in1k)
+        ("resnet50", "a1_in1k", "resnet50.a1_in1k"),
+        ("convnext_tiny", "imagenet", "convnext_tiny"),  # no torchvision weights in timm
+        ("tf_efficientnet_lite0", "imagenet", "tf_efficientnet_lite0"),
+    ],
+)
+def test_imagenet_means_torchvision_weights_where_timm_has_them(encoder, tag, name):
+    assert pretrained_name(encoder, tag) == name
+
+
+def test_models_command_documents_what_imagenet_means(capsys):
+    from ddep.cli import main
+
+    assert main(["models"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("encoder_weights=imagenet:"))
+    assert "(timm tag tv_in1k)" in line and "else timm's default tag" in line
+    assert "resnet50, resnet101" in line and "convnext" not in line
 
 
 @pytest.mark.parametrize(

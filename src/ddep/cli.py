@@ -12,11 +12,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     """Print the architectures, their options and the weights that work offline."""
     from .models import OFFLINE_WEIGHTS, arch_options, list_archs
     from .models.registry import get_arch
+    from .models.weights import TORCHVISION_TAG, torchvision_encoders
 
     for name in list_archs():
         print(f"{name}  (default encoder: {get_arch(name).default_encoder})")
         for key, default in arch_options(name).items():
             print(f"    {key} = {default!r}")
+    print(f"encoder_weights=imagenet: torchvision's ImageNet-1k weights (timm tag {TORCHVISION_TAG}) where timm has them "
+          f"({', '.join(torchvision_encoders())}), else timm's default tag; encoder_weights=default: timm's default tag")
     print("offline encoder weights (encoder_weights=NAME):")
     for name, weights in OFFLINE_WEIGHTS.items():
         print(f"    {name}: {weights.description}; encoder {weights.encoder}")
@@ -48,6 +51,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
 
     config = load_config(args.command, args.config, args.overrides)
+    if getattr(args, "dry_run", False):
+        import json
+
+        from .engine.finetune import plan_finetune
+        from .engine.pretrain import plan_pretrain
+
+        print(json.dumps({"command": args.command, **{"pretrain": plan_pretrain, "finetune": plan_finetune}[args.command](config)}))
+        return 0
     if args.command == "pretrain":
         from .engine.pretrain import pretrain
 
@@ -149,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--config", help="a YAML config file (see configs/)")
         if name in ("pretrain", "finetune"):
             command.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/last.pt")
+            command.add_argument("--dry-run", action="store_true",
+                                 help="print the run's plan (steps, images per step, passes over the data) as JSON and stop")
         command.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=data/cityscapes")
         command.set_defaults(run=cmd_run)
     return parser

@@ -43,7 +43,11 @@ TRAIN: dict[str, Any] = {
 
 DATA: dict[str, Any] = {"dataset": None, "root": None, "split": "train", "options": {}, "batch_size": 8, "num_workers": 2}
 
-EVAL: dict[str, Any] = {"mode": "whole", "scales": [1.0], "flip": False, "crop_size": None, "stride": None, "size_divisor": None}
+#: ``test_scale``: (long, short) box each test image is resized into (keep ratio) before inference, as
+#: mmsegmentation's test ``Resize(scale=..., keep_ratio=True)``; the logits go back to the original size for the
+#: metric, and TTA ``scales`` are ratios of that size. None: the original size.
+EVAL: dict[str, Any] = {"mode": "whole", "test_scale": None, "scales": [1.0], "flip": False, "crop_size": None, "stride": None,
+                        "size_divisor": None}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {
@@ -57,8 +61,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "finetune": {
         **COMMON, **TRAIN,
         "init": None,  # a pretraining checkpoint or exported model; None: encoder_weights + random decoder
-        "data": {**DATA, "dataset": "folder", "crop_size": 512, "ratio_range": [0.5, 2.0], "scale": None, "jitter": False,
-                 "labeled": None, "labeled_seed": 0, "val_split": "val", "val_batch_size": 1},
+        "data": {**DATA, "dataset": "folder", "crop_size": 512, "ratio_range": [0.5, 2.0], "scale": None,
+                 "cat_max_ratio": 1.0,  # mmseg's RandomCrop: retry crops in which one class covers more (1.0: off)
+                 "photometric": False,  # mmseg's PhotoMetricDistortion on the image
+                 "labeled": None, "labeled_seed": 0,
+                 "select_fraction": 0.0,  # held out of the labeled images to choose a checkpoint on (0: none, the final one)
+                 "val_split": "val", "val_batch_size": 1},
         "eval": EVAL,
         "eval_every": 500,
     },
@@ -82,7 +90,7 @@ DEFAULTS["finetune"]["optim"] = {**TRAIN["optim"], "lr": None}  # None: PAPER_FI
 NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str, "steps": int, "init": str, "checkpoint": str, "model.encoder_weights": str, "input": str, "output": str,
     "optim.lr": float, "optim.clip_grad_norm": float, "data.root": str, "data.labeled": (str, int, float), "data.scale": list,
-    "eval.crop_size": list, "eval.stride": list, "eval.size_divisor": int,
+    "eval.crop_size": list, "eval.stride": list, "eval.size_divisor": int, "eval.test_scale": list,
 }
 
 

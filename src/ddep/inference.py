@@ -1,20 +1,25 @@
-"""Evaluation-time inference: whole image, sliding window, flip and multi-scale, Cityscapes halves.
+"""Evaluation-time inference: test scale, whole image, sliding window, Cityscapes halves, flip and multi-scale.
 
 Reported segmentation numbers depend on how the prediction is made as much as on the model, so
-these follow the field's protocols (mmsegmentation's ``whole``/``slide`` inference and its
-test-time augmentation) and the DDeP paper's: Cityscapes evaluates each 1024x1024 half of the
-1024x2048 image with flip averaging; ADE20K and Pascal Context average flips and the scales
-(0.5, 0.75, 1.0, 1.25, 1.5, 1.75).
+these follow mmsegmentation's test protocol and the DDeP paper's. Each image is resized (keep
+ratio) into the dataset's test scale, mmsegmentation's test ``Resize(scale=(long, short),
+keep_ratio=True)``: (2048, 512) for ADE20K, (520, 520) for Pascal Context, (2048, 1024) for
+Cityscapes, which leaves 1024x2048 as it is. It is predicted with ``whole``, ``slide`` (mmseg's
+window grid) or ``cityscapes-halves`` (the paper's: each 1024x1024 half on its own), optionally
+at TTA ``scales``, ratios of the test scale as mmseg 0.x's ``MultiScaleFlipAug`` ``img_ratios``
+(the paper's (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) for ADE20K and Pascal Context), and mirrored.
 
 Every function takes a ``model`` mapping normalised images B x 3 x H x W to logits B x K x H x W
 (at the input's resolution) and returns softmax probabilities B x K x H x W at the image's
-resolution. Augmented passes are combined by averaging probabilities, as mmsegmentation's TTA
-does. Gradients are off inside; putting the model in eval mode is the caller's job.
+resolution. As in mmsegmentation, each pass's logits (windows averaged first) are resized back
+to the original size, then softmaxed, and the passes' probabilities averaged. Gradients are off
+inside; putting the model in eval mode is the caller's job.
 
-Zero padding (right and bottom) is used wherever a model needs a bigger or better-divisible
-input than it gets (TransUNet takes only sides that are multiples of 16): the input is already
-normalised, so zero is the dataset's mean colour, as in mmsegmentation's data preprocessor. The
-padded part of the output is cropped away before it is used.
+The image arrives normalised at its original size; resizing it bilinearly equals resizing the
+uint8 image and then normalising, up to rounding. Zero padding (right and bottom) is used wherever
+a model needs a bigger or better-divisible input than it gets (TransUNet takes only sides that
+are multiples of 16): the input is normalised, so zero is the dataset's mean colour, as in
+mmsegmentation's data preprocessor. The padded part of the output is cropped away before use.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .choices import check_choice
+from .data.transforms import rescale_size
 
 __all__ = [
     "MODES",
@@ -96,6 +102,20 @@ def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     return scales
 
 
+def _check_test_scale(test_scale: Sequence[int] | None) -> tuple[int, int] | None:
+    """``(long, short)`` from a pair of positive ints in either order (mmcv's rule is order-free)."""
+    if test_scale is None:
+        return None
+    try:
+        a, b = test_scale  # type: ignore[misc]
+        valid = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (a, b))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"test_scale must be None or a pair (long, short) of positive ints; got {test_scale!r}")
+    return max(a, b), min(a, b)
+
+
 def _logits(model: nn.Module, x: torch.Tensor, pad_to: tuple[int, int] | None = None) -> torch.Tensor:
     """Float logits for ``x``, zero-padding it to at least ``pad_to`` first and cropping back."""
     h, w = x.shape[-2:]
@@ -116,10 +136,6 @@ def _logits(model: nn.Module, x: torch.Tensor, pad_to: tuple[int, int] | None = 
     return logits[..., :h, :w].float()
 
 
-def _softmax(model: nn.Module, x: torch.Tensor, pad_to: tuple[int, int] | None = None) -> torch.Tensor:
-    return _logits(model, x, pad_to).softmax(dim=1)
-
-
 def _divisible(size: tuple[int, int], size_divisor: int | None) -> tuple[int, int] | None:
     """The size rounded up to multiples of ``size_divisor`` (None when no padding is needed)."""
     if size_divisor is None:
@@ -127,18 +143,62 @@ def _divisible(size: tuple[int, int], size_divisor: int | None) -> tuple[int, in
     return tuple(-(-s // size_divisor) * size_divisor for s in size)  # type: ignore[return-value]
 
 
+def _window_logits(
+    model: nn.Module, x: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int], size_divisor: int | None
+) -> torch.Tensor:
+    """Logits of ``x`` from windows on mmsegmentation's grid, averaged where they overlap.
+
+    Each window is zero-padded to ``crop`` (rounded up to ``size_divisor``), so a model that needs
+    fixed or divisible sizes takes any image. One window (the image fits the crop) is one pass on
+    the whole image; sums live on the image's device.
+    """
+    height, width = x.shape[-2:]
+    pad_to = _divisible(crop, size_divisor) or crop
+    windows = slide_windows(height, width, crop, stride)
+    if len(windows) == 1:
+        return _logits(model, x, pad_to)
+    logits: torch.Tensor | None = None
+    count = torch.zeros(1, 1, height, width, device=x.device)
+    for y1, y2, x1, x2 in windows:
+        window = _logits(model, x[:, :, y1:y2, x1:x2], pad_to)
+        if logits is None:
+            logits = window.new_zeros(x.shape[0], window.shape[1], height, width)
+        logits[:, :, y1:y2, x1:x2] += window
+        count[:, :, y1:y2, x1:x2] += 1
+    assert logits is not None  # the grid always has a window, and (stride <= crop) covers every pixel
+    return logits / count
+
+
+def _mode_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    mode: str,
+    crop_size: tuple[int, int] | None,
+    stride: tuple[int, int] | None,
+    size_divisor: int | None,
+) -> torch.Tensor:
+    """One pass's logits at ``x``'s size: ``whole`` is one window of the image's size and
+    ``cityscapes-halves`` two side by side (overlapping by a column if the width is odd)."""
+    height, width = x.shape[-2:]
+    if mode == "whole":
+        crop_size = stride = (height, width)
+    elif mode == "cityscapes-halves":
+        crop_size = stride = (height, -(-width // 2))
+    return _window_logits(model, x, crop_size, stride, size_divisor)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- single-pass modes
 
 @torch.no_grad()
 def predict_whole(model: nn.Module, image: torch.Tensor, size_divisor: int | None = None) -> torch.Tensor:
-    """One forward pass on the whole image; softmax probabilities B x K x H x W.
+    """One forward pass on the whole image as it is; softmax probabilities B x K x H x W.
 
     ``size_divisor`` (e.g. 16 for TransUNet) zero-pads the image up to multiples of it and crops
     the output back, so that any image size works.
     """
     _check_image(image)
     _check_size_divisor(size_divisor)
-    return _softmax(model, image, _divisible(tuple(image.shape[-2:]), size_divisor))
+    return _mode_logits(model, image, "whole", None, None, size_divisor).softmax(dim=1)
 
 
 def slide_windows(
@@ -172,26 +232,37 @@ def predict_slide(
     """Sliding-window inference on mmsegmentation's window grid; probabilities B x K x H x W.
 
     As in mmsegmentation, each window's logits are added where they lie and divided by the number
-    of windows covering each pixel, and the softmax is taken of that average. A window smaller than ``crop_size`` (only when the image itself is smaller) is
-    zero-padded to the crop size, so a model that needs fixed or divisible sizes takes any image.
-    The sums live on the image's device.
+    of windows covering each pixel, and the softmax is taken of that average. A window smaller
+    than ``crop_size`` (only when the image itself is smaller) is zero-padded to the crop size.
     """
     _check_image(image)
-    crop = _pair("crop_size", crop_size)
-    height, width = image.shape[-2:]
-    logits: torch.Tensor | None = None
-    count = torch.zeros(1, 1, height, width, device=image.device)
-    for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
-        window = _logits(model, image[:, :, y1:y2, x1:x2], crop)
-        if logits is None:
-            logits = window.new_zeros(image.shape[0], window.shape[1], height, width)
-        logits[:, :, y1:y2, x1:x2] += window
-        count[:, :, y1:y2, x1:x2] += 1
-    assert logits is not None  # the grid always has a window, and (stride <= crop) covers every pixel
-    return (logits / count).softmax(dim=1)
+    crop, stride = _check_slide(crop_size, stride, None)
+    return _window_logits(model, image, crop, stride, None).softmax(dim=1)
 
 
-# --------------------------------------------------------------------------- augmentation
+# --------------------------------------------------------------------------- test scale and augmentation
+
+def _settings(
+    mode: str,
+    scales: Sequence[float],
+    flip: bool,
+    crop_size: int | Sequence[int] | None,
+    stride: int | Sequence[int] | None,
+    size_divisor: int | None,
+    test_scale: Sequence[int] | None,
+) -> dict[str, Any]:
+    """The validated inference settings; ``crop_size`` and ``stride`` kept only in ``slide`` mode."""
+    check_choice("inference mode", mode, MODES)
+    scales = _check_scales(scales)
+    _check_size_divisor(size_divisor)
+    test_scale = _check_test_scale(test_scale)
+    if mode == "slide":
+        crop_size, stride = _check_slide(crop_size, stride, size_divisor)
+    else:
+        crop_size = stride = None  # unused outside slide mode, so not recorded as if they were
+    return {"mode": mode, "test_scale": test_scale, "scales": scales, "flip": bool(flip),
+            "crop_size": crop_size, "stride": stride, "size_divisor": size_divisor}
+
 
 @torch.no_grad()
 def predict_tta(
@@ -203,44 +274,42 @@ def predict_tta(
     crop_size: int | Sequence[int] | None = None,
     stride: int | Sequence[int] | None = None,
     size_divisor: int | None = None,
+    test_scale: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Multi-scale and flip test-time augmentation; the mean of every pass's probabilities.
+    """Test scale, multi-scale and flip inference; the mean of every pass's probabilities.
 
-    For each scale the image is resized (bilinear, ``align_corners=False``) to
-    ``round(H * s) x round(W * s)`` and predicted with ``mode`` (``whole`` or ``slide``), and
-    also mirrored left-right when ``flip`` (the output is mirrored back). Each pass's
-    probabilities are resized back to H x W (bilinear) and all passes are averaged.
-    ``size_divisor`` applies to ``whole`` mode (padding, see :func:`predict_whole`); in ``slide``
-    mode windows are already padded to ``crop_size``, which must then be divisible by it.
+    For each ratio ``s`` in ``scales`` the image is resized (bilinear, ``align_corners=False``)
+    to fit the (long, short) box ``test_scale`` times ``s`` (the image's own size when
+    ``test_scale`` is None) by mmcv's rule (:func:`~ddep.data.transforms.rescale_size`),
+    predicted with ``mode``, and also mirrored left-right when ``flip`` (the output mirrored
+    back). Each pass's logits are resized back to H x W (bilinear), softmaxed, and the passes
+    averaged. ``size_divisor`` pads whole images and halves (see :func:`predict_whole`); in
+    ``slide`` mode windows are padded to ``crop_size``, which must then be divisible by it.
+    ``cityscapes-halves`` needs an even image width.
     """
     _check_image(image)
-    check_choice("TTA inference mode", mode, ("whole", "slide"))
-    scales = _check_scales(scales)
-    _check_size_divisor(size_divisor)
-    if mode == "slide":
-        _check_slide(crop_size, stride, size_divisor)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if mode == "slide":
-            return predict_slide(model, x, crop_size, stride)  # type: ignore[arg-type]
-        return predict_whole(model, x, size_divisor)
-
+    settings = _settings(mode, scales, flip, crop_size, stride, size_divisor, test_scale)
     height, width = image.shape[-2:]
+    if mode == "cityscapes-halves" and width % 2:
+        raise ValueError(f"cityscapes-halves inference needs an even image width; got {width}")
     total: torch.Tensor | None = None
     passes = 0
-    for scale in scales:
-        size = (max(round(height * scale), 1), max(round(width * scale), 1))
+    for scale in settings["scales"]:
+        size = rescale_size(height, width, settings["test_scale"], scale)
         x = image if size == (height, width) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        outputs = [run(x)]
-        if flip:
-            outputs.append(run(x.flip(-1)).flip(-1))
-        for probs in outputs:
-            if probs.shape[-2:] != (height, width):
-                probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
-            total = probs if total is None else total + probs
+        for mirrored in (False, True) if flip else (False,):
+            logits = _mode_logits(
+                model, x.flip(-1) if mirrored else x, mode, settings["crop_size"], settings["stride"], size_divisor
+            )
+            if mirrored:
+                logits = logits.flip(-1)
+            if size != (height, width):
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            probs = logits.softmax(dim=1)
+            total = probs if total is None else total.add_(probs)
             passes += 1
     assert total is not None
-    return total / passes
+    return total.div_(passes)
 
 
 @torch.no_grad()
@@ -250,23 +319,16 @@ def predict_cityscapes_halves(
     flip: bool = True,
     scales: Sequence[float] = (1.0,),
     size_divisor: int | None = None,
+    test_scale: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The DDeP paper's Cityscapes protocol: predict the left and right halves separately.
 
     A 1024x2048 image becomes two 1024x1024 inputs (the fine-tuning crop size), each predicted
-    whole, flip-averaged when ``flip`` (and over ``scales`` if given), then put side by side.
-    The width must be even.
+    whole; the halves' logits are put side by side, and flip, ``scales`` and ``test_scale`` act
+    on the whole image as in :func:`predict_tta` (mirroring the image mirrors each half). The
+    width must be even.
     """
-    _check_image(image)
-    width = image.shape[-1]
-    if width % 2:
-        raise ValueError(f"cityscapes-halves inference needs an even image width; got {width}")
-    half = width // 2
-    halves = [image[..., :half], image[..., half:]]
-    return torch.cat(
-        [predict_tta(model, x, scales=scales, flip=flip, mode="whole", size_divisor=size_divisor) for x in halves],
-        dim=-1,
-    )
+    return predict_tta(model, image, scales, flip, "cityscapes-halves", None, None, size_divisor, test_scale)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -278,26 +340,15 @@ def describe_mode(
     crop_size: int | Sequence[int] | None = None,
     stride: int | Sequence[int] | None = None,
     size_divisor: int | None = None,
+    test_scale: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """A JSON-serialisable record of the inference mode, for results files (validated as predict would).
 
-    ``crop_size`` and ``stride`` are recorded only in ``slide`` mode, the one that uses them.
+    ``crop_size`` and ``stride`` are recorded only in ``slide`` mode, the one that uses them;
+    ``test_scale`` as ``[long, short]`` (or None: the original size).
     """
-    check_choice("inference mode", mode, MODES)
-    scales = _check_scales(scales)
-    _check_size_divisor(size_divisor)
-    if mode == "slide":
-        crop_size, stride = _check_slide(crop_size, stride, size_divisor)
-    else:
-        crop_size = stride = None  # unused outside slide mode, so not recorded as if they were
-    return {
-        "mode": mode,
-        "scales": list(scales),
-        "flip": bool(flip),
-        "crop_size": list(crop_size) if crop_size is not None else None,
-        "stride": list(stride) if stride is not None else None,
-        "size_divisor": size_divisor,
-    }
+    settings = _settings(mode, scales, flip, crop_size, stride, size_divisor, test_scale)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
 
 
 @torch.no_grad()
@@ -310,18 +361,12 @@ def predict(
     crop_size: int | Sequence[int] | None = None,
     stride: int | Sequence[int] | None = None,
     size_divisor: int | None = None,
+    test_scale: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Probabilities B x K x H x W with the named mode: ``whole``, ``slide`` or ``cityscapes-halves``.
+    """Probabilities B x K x H x W (the image's size) with the named mode: ``whole``, ``slide`` or
+    ``cityscapes-halves``, at ``test_scale`` and the TTA ``scales`` and ``flip`` of :func:`predict_tta`.
 
-    Scales other than ``(1.0,)`` or ``flip`` go through :func:`predict_tta` (per half in
-    ``cityscapes-halves``). ``describe_mode`` with the same arguments records what was done.
+    It takes the eval config as keyword arguments; ``describe_mode`` with the same arguments
+    records what was done.
     """
-    desc = describe_mode(mode, scales, flip, crop_size, stride, size_divisor)
-    scales = tuple(desc["scales"])
-    if mode == "cityscapes-halves":
-        return predict_cityscapes_halves(model, image, flip=flip, scales=scales, size_divisor=size_divisor)
-    if scales != (1.0,) or flip:
-        return predict_tta(model, image, scales, flip, mode, crop_size, stride, size_divisor)
-    if mode == "slide":
-        return predict_slide(model, image, crop_size, stride)  # type: ignore[arg-type]
-    return predict_whole(model, image, size_divisor)
+    return predict_tta(model, image, scales, flip, mode, crop_size, stride, size_divisor, test_scale)

@@ -115,9 +115,29 @@ class LabeledSubset(Dataset):
         return self.dataset[self.indices[index]]
 
 
-def labeled_subset(dataset, amount: str | int | Fraction, seed: int = 0) -> LabeledSubset:
-    """``amount`` of a labeled dataset's items (a fraction such as "1/8", or a count), chosen as
-    :func:`write_splits` would choose them for ``seed``. The dataset needs ``pairs``."""
+def labeled_indices(dataset, amount: str | int | Fraction | None, seed: int = 0) -> list[int]:
+    """The indices of ``amount`` of a labeled dataset's items (a fraction such as "1/8", or a
+    count), chosen as :func:`write_splits` would choose them for ``seed``; None: every item."""
+    if amount is None:
+        return list(range(len(dataset)))
     if not isinstance(amount, Fraction):
         amount = parse_amount(str(amount))
-    return LabeledSubset(dataset, select_indices(len(dataset.pairs), amount, seed))
+    return select_indices(len(dataset.pairs), amount, seed)
+
+
+def labeled_subset(dataset, amount: str | int | Fraction, seed: int = 0) -> LabeledSubset:
+    """``amount`` of a labeled dataset's items, as :func:`labeled_indices` chooses them."""
+    return LabeledSubset(dataset, labeled_indices(dataset, amount, seed))
+
+
+def hold_out(indices: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``indices`` into (trained on, held out): ``ceil(fraction * n)`` of them, seeded, held
+    out to choose a checkpoint on, so that no choice is made on the reported split."""
+    if not 0 < fraction < 1:
+        raise DataError(f"data.select_fraction must be in (0, 1) to hold images out (0: none); got {fraction}")
+    held = max(1, math.ceil(fraction * len(indices)))
+    if held >= len(indices):
+        raise DataError(f"data.select_fraction={fraction} of {len(indices)} labeled images leaves none to train on")
+    order = np.random.default_rng([seed, 1]).permutation(len(indices))  # another stream than the labeled choice's
+    chosen = set(order[:held].tolist())
+    return [i for k, i in enumerate(indices) if k not in chosen], [i for k, i in enumerate(indices) if k in chosen]

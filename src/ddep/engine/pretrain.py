@@ -14,6 +14,7 @@ from ..models import build_model
 from ..models.saving import save_model
 from ..noise import corrupt, denoising_loss, estimate_clean, sample_gamma, to_model_input
 from .distributed import shutdown
+from .plan import run_plan
 from .run import start_run
 from .trainer import Trainer
 
@@ -30,16 +31,26 @@ def build_pretrain_model(config: dict[str, Any]):
     return model
 
 
+def pretrain_data(config: dict[str, Any]):
+    """The unlabeled images of ``config``, as random resized crops in [0, 1]."""
+    data = config["data"]
+    return build_dataset(
+        data["dataset"], data["root"], data["split"],
+        transform=pretrain_transforms(data["crop_size"], (data["min_scale"], 1.0)), **data["options"],
+    )
+
+
+def plan_pretrain(config: dict[str, Any]) -> dict[str, Any]:
+    """``ddep pretrain --dry-run``: the budget, from the file list alone (no run folder, no weights built)."""
+    return run_plan(config, len(pretrain_data(config)), config["optim"]["lr"])
+
+
 def pretrain(config: dict[str, Any], resume: bool = False) -> Path:
     """Train the decoder (and in DeP the encoder) to predict the noise added to unlabeled images."""
     run = start_run(config, resume)
     try:
         model = build_pretrain_model(config)
-        data = config["data"]
-        dataset = build_dataset(
-            data["dataset"], data["root"], data["split"],
-            transform=pretrain_transforms(data["crop_size"], (data["min_scale"], 1.0)), **data["options"],
-        )
+        dataset = pretrain_data(config)
         trainer = Trainer(config, model, dataset, run.dir, run.dist, run.device, config["optim"]["lr"], "pretrain", resume)
         for batch in trainer.batches():
             step = denoising_pass(trainer, batch["image"], config["noise"])

@@ -98,6 +98,21 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
+def total_steps(config: dict[str, Any], train_images: int, world_size: int = 1) -> int:
+    """Optimizer steps of a run: ``steps`` when set, else ``epochs`` passes over ``train_images``
+    at ``data.batch_size`` x ``optim.grad_accum`` images per process and step."""
+    batch, accum = config["data"]["batch_size"], config["optim"]["grad_accum"]
+    if accum < 1 or batch < 1:
+        raise ValueError("data.batch_size and optim.grad_accum must be >= 1")
+    if config["steps"] is not None:
+        steps = config["steps"]
+    else:
+        steps = math.ceil(config["epochs"] * math.ceil(train_images / world_size) / (batch * accum))
+    if steps < 1:
+        raise ValueError(f"the run has no steps (steps={config['steps']}, epochs={config['epochs']})")
+    return steps
+
+
 def check_free_space(run_dir: Path, model: nn.Module, trainable: list[nn.Parameter]) -> None:
     """Refuse to start when the run folder's disk cannot hold the run's checkpoints: the last one,
     one being written and the best (weights plus Adam's two moments), and the exported model (the
@@ -130,13 +145,7 @@ class Trainer:
         optim = config["optim"]
         self.accum = optim["grad_accum"]
         self.batch_size = config["data"]["batch_size"]
-        if self.accum < 1 or self.batch_size < 1:
-            raise ValueError("data.batch_size and optim.grad_accum must be >= 1")
-        per_rank = math.ceil(len(dataset) / dist_info.world_size)
-        images_per_step = self.batch_size * self.accum
-        self.total_steps = config["steps"] if config["steps"] is not None else math.ceil(config["epochs"] * per_rank / images_per_step)
-        if self.total_steps < 1:
-            raise ValueError(f"the run has no steps (steps={config['steps']}, epochs={config['epochs']})")
+        self.total_steps = total_steps(config, len(dataset), dist_info.world_size)
 
         model.to(device)
         model.set_grad_checkpointing(config["grad_checkpointing"])
@@ -145,6 +154,9 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         check_free_space(run_dir, model, self.params)  # on every rank, so that none goes on alone
         self.optimizer = build_optimizer(self.params, optim, lr)
+        # fp16's narrow range lets small gradients underflow to zero: scale the loss up, and skip
+        # the steps whose scaled gradients overflow (bf16 has fp32's range and needs none of this)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, optim["warmup_steps"], optim["min_lr_ratio"])
         )
@@ -162,7 +174,7 @@ class Trainer:
         self.loader = DataLoader(
             SeededItems(dataset, config["seed"]),
             batch_size=self.batch_size,
-            sampler=StreamSampler(len(dataset), config["seed"], dist_info.rank, dist_info.world_size, self.step * images_per_step),
+            sampler=StreamSampler(len(dataset), config["seed"], dist_info.rank, dist_info.world_size, self.step * self.batch_size * self.accum),
             num_workers=config["data"]["num_workers"],
             pin_memory=device.type == "cuda",
             drop_last=True,
@@ -178,13 +190,18 @@ class Trainer:
         setting = self.config["channels_last"]
         return self.device.type == "cuda" if setting == "auto" else bool(setting)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    @property
+    def precision(self) -> str:
+        """``amp`` resolved: ``auto`` is bf16 on a GPU and off elsewhere."""
         amp = self.config["amp"]
         if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" else "off"
-        if amp == "off":
+            return "bf16" if self.device.type == "cuda" else "off"
+        return amp
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "off":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
 
     def to_device(self, batch: dict) -> dict:
         moved = {}
@@ -231,15 +248,17 @@ class Trainer:
         boundary = self._micro % self.accum == 0
         sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
         with sync:
-            (loss / self.accum).backward()
+            self.scaler.scale(loss / self.accum).backward()
         self._loss_sum += value
         self._loss_count += 1
         self._images += self.batch_size * self.dist.world_size
         if not boundary:
             return False
         if self.config["optim"]["clip_grad_norm"]:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.params, self.config["optim"]["clip_grad_norm"])
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -315,6 +334,7 @@ class Trainer:
             "model_config": self.model.config,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "step": self.step,
             "rng": rng,
             "config": self.config,
@@ -335,6 +355,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty when the run was not in fp16
+            self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.extra = state.get("extra", {})
         torch.set_rng_state(state["rng"]["torch"].cpu())

@@ -166,7 +166,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = FULL, fresh
     print()
     print(text_table(results, settings_names, "labels", baseline="random_decoder"))
     print(f"mIoU (%) on {settings.val_images} validation images, mean ± std over {len(settings.seeds)} seed(s); "
-          f"took {timings['total_s'] / 60:.1f} min. Written to {out}/: results.json, report.md, miou_vs_labels.png, predictions.png")
+          f"took {timings['total_s'] / 60:.1f} min. Written to {out}/: results.json, report.md, miou_vs_labels.png, denoising.png, predictions.png")
     return record
 
 
@@ -182,6 +182,7 @@ def write_report(out: Path, settings: DemoSettings, record: dict[str, Any]) -> N
     names = [str(n) for n in settings.label_counts]
     plot(results, names, out / "miou_vs_labels.png", "labeled images", "DDeP demo: fine-tuning from two starts", log_x=True)
     prediction_grid(out, settings)
+    shutil.copyfile(out / "pretrain" / "images" / f"step{settings.pretrain_steps:07d}.png", out / "denoising.png")
     lines = [
         "# DDeP demo",
         "",
@@ -194,6 +195,12 @@ def write_report(out: Path, settings: DemoSettings, record: dict[str, Any]) -> N
         "",
         markdown_table(results, names, "labels", baseline="random_decoder"),
         "![mIoU against labels](miou_vs_labels.png)",
+        "",
+        "What the decoder learned before it saw a label, on the pretraining's last batch (rows: clean "
+        f"unlabeled scenes, the same with scaled noise of sigma {settings.noise_std}, the noise the decoder "
+        "predicts (divided by 4 to show it), the image denoised with that prediction):",
+        "",
+        "![denoising](denoising.png)",
         "",
         "Example predictions (rows: image, ground truth, random decoder, DDeP decoder; "
         f"{settings.label_counts[-1]} labels, seed {settings.seeds[0]}):",

