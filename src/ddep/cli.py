@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ddep {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    demo = commands.add_parser("demo", help="run DDeP end to end on built-in data (about 8 minutes on two CPU cores)")
+    demo = commands.add_parser("demo", help="run DDeP end to end on built-in data (under 10 minutes on two CPU cores)")
     demo.add_argument("--out", help="output folder (default: runs/demo, or runs/demo-quick with --quick)")
     demo.add_argument("--quick", action="store_true", help="a 1-minute version: fewer labels, seeds and steps")
     demo.add_argument("--fresh", action="store_true", help="rerun everything instead of reusing finished runs")
