@@ -59,6 +59,12 @@ def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float
     return tensor.item() / info.world_size
 
 
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (e.g. until rank 0 has written a file the others read)."""
+    if info.enabled:
+        dist.barrier()
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -21,7 +21,7 @@ from ..data.transforms import IGNORE_INDEX, eval_transforms, train_transforms
 from ..models import build_model
 from ..models.saving import load_model, read_model_config, save_model
 from .checkpoint import checkpoint_path
-from .distributed import shutdown
+from .distributed import barrier, shutdown
 from .evaluate import evaluate_model, write_metrics
 from .plan import run_plan
 from .run import start_run
@@ -110,6 +110,8 @@ def finetune(config: dict[str, Any], resume: bool = False) -> Path:
             if trainer.backward(segmentation_loss(trainer, batch)) and trainer.due(config["eval_every"]):
                 periodic_evaluation(trainer, sets, config["eval"], run)
         best = checkpoint_path(run.dir, "best.pt")
+        if sets.select is not None:
+            barrier(run.dist)  # rank 0 may still be writing best.pt
         chosen = model if sets.select is None else load_model(best).to(run.device)  # the run's result
         if "final_metrics" not in trainer.extra:  # a resumed finished run has them
             metrics = trainer.extra["final_metrics"] = evaluate_model(chosen, sets.val, config["eval"], run.device, run.dist)
