@@ -3,6 +3,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub
 
 import pytest  # noqa: E402
+import timm  # noqa: E402
 import torch  # noqa: E402
 
 import ddep  # noqa: E402
@@ -24,7 +25,33 @@ def tiny_model(arch: str, **kwargs) -> ddep.SegmentationModel:
 
 
 @pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to download weights fails loudly."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to reach the network")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setattr("segmentation_models_pytorch.encoders.hf_hub_download", refuse)
+    monkeypatch.setattr("segmentation_models_pytorch.base.hub_mixin.hf_hub_download", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", refuse, raising=False)
+
+
+@pytest.fixture
 def data(tmp_path, monkeypatch):
     """A folder dataset (fake_data.engine_tree) and a run folder, as the cwd."""
     monkeypatch.chdir(tmp_path)
     return fake_data.engine_tree(tmp_path)
+
+
+def onnx_matches_pytorch(path, model, x) -> None:
+    """The ONNX file, run by onnxruntime on the CPU, within 1e-4 of PyTorch (float32 kernels differ)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"image": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model.eval()(x), atol=1e-4, rtol=1e-4)

@@ -17,6 +17,8 @@ def test_models_lists_archs_options_and_offline_weights(capsys):
     assert "transunet  (default encoder: vit_base_r50_s16_224)" in out
     assert "decoder_channels = (256, 128, 64, 16)" in out
     assert "efficientnet-lite0:" in out and "tf_efficientnet_lite0" in out
+    assert "smp:FPN  (default encoder: resnet34)" in out and "    decoder_pyramid_channels = 256" in out
+    assert "smp:<Arch>: segmentation_models_pytorch's architectures" in out
 
 
 def test_console_script_runs():

@@ -59,3 +59,10 @@ def test_paper_budgets_do_not_shrink_with_the_label_fraction(tmp_path, path):
     assert full["images_seen"] >= 100 * FULL_TRAIN_IMAGES[dataset] > full["images_seen"] - 512
     assert dataset != "cityscapes" or few["steps"] >= 200
     assert few["epochs_over_labeled"] >= full["epochs_over_labeled"] and few["selected_on"] is None
+
+
+def test_a_null_option_is_removed_so_the_constructor_default_applies(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  options:\n    decoder_channels: [64, 32, 16, 8, 4]\n    center: true\n")
+    config = load_config("pretrain", base, ["model.options.decoder_channels=null", "model.arch=smp:FPN"])
+    assert config["model"]["options"] == {"center": True}

@@ -15,6 +15,7 @@ from ddep.engine.evaluate import evaluate_model
 from ddep.engine.run import configure_kernels
 from ddep.engine.checkpoint import load_checkpoint
 from ddep.models.saving import load_model
+from conftest import onnx_matches_pytorch
 
 
 
@@ -58,9 +59,10 @@ def test_pretrain_finetune_evaluate_chain(data):
 
     onnx.checker.check_model("exported/model.onnx")
     exported = load_model("exported")
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(exported.eval()(x), model.eval()(x))
+    onnx_matches_pytorch("exported/model.onnx", model, x)  # by onnxruntime, a batch of 2 through a graph traced with 1
 
 
 def weights(path):

@@ -230,7 +230,7 @@ def test_bad_arguments_get_clear_errors(kwargs, error, message):
 
 
 def test_list_archs():
-    assert ddep.list_archs() == ["transunet", "unet"]
+    assert ddep.list_archs()[:2] == ["transunet", "unet"]  # then smp:<Arch> (test_smp.py)
 
 
 def test_decoder_block_equals_convolving_the_concatenated_skip():

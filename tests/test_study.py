@@ -19,7 +19,8 @@ ROOTS = ["pretrain.data.root=/data/in21k", "finetune.data.root=/data/cityscapes"
 def test_every_study_the_issue_names_exists_at_both_scales():
     for scale in SCALES:
         assert set(STUDIES) <= set(list_studies(scale))
-    assert set(list_studies("demo")) - set(STUDIES) == {"few-labels"}  # our investigation at 4 labels
+    # our investigation at 4 labels, and DDeP on two smp decoders
+    assert set(list_studies("demo")) - set(STUDIES) == {"few-labels", "smp-fpn", "smp-deeplabv3plus"}
 
 
 @pytest.mark.parametrize("scale, name", [(scale, name) for scale in SCALES for name in list_studies(scale)])

@@ -16,20 +16,6 @@ from ddep.models.transunet import hybrid_backbone
 from ddep.models.weights import load_into, pretrained_name, read_state_dict
 
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to download weights fails loudly."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("tried to reach the network")
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", refuse, raising=False)
-
-
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_local_weight_file_loads_offline(tmp_path, suffix, no_network):
     torch.manual_seed(1)

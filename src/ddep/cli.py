@@ -18,6 +18,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name}  (default encoder: {get_arch(name).default_encoder})")
         for key, default in arch_options(name).items():
             print(f"    {key} = {default!r}")
+    print("smp:<Arch>: segmentation_models_pytorch's architectures; encoder: an smp encoder name or tu-<timm name>; "
+          "decoder_width multiplies its *_channels options (Linknet has none)")
     print(f"encoder_weights=imagenet: torchvision's ImageNet-1k weights (timm tag {TORCHVISION_TAG}) where timm has them "
           f"({', '.join(torchvision_encoders())}), else timm's default tag; encoder_weights=default: timm's default tag")
     print("offline encoder weights (encoder_weights=NAME):")
@@ -115,7 +117,7 @@ RUN_COMMANDS = {
     "finetune": "fine-tune on labeled images from a pretraining checkpoint, an encoder, or scratch",
     "evaluate": "mIoU of a checkpoint on a labeled split (whole, slide, flip and multi-scale)",
     "predict": "class-id masks and colour overlays for a folder of images",
-    "export": "a checkpoint as safetensors + JSON config (optionally ONNX)",
+    "export": "a checkpoint as safetensors + JSON config, smp's own folder for smp models (optionally ONNX)",
 }
 
 

@@ -3,7 +3,8 @@
 Every key that a command understands appears in its defaults below, so an unknown key is an
 error that names the closest valid one. Values keep the type of their default (an int may stand
 for a float); keys whose default is None take any value, and ``*.options`` sections are passed
-as free-form keyword arguments to the model or dataset constructors, which check them.
+as free-form keyword arguments to the model or dataset constructors, which check them (an option
+set to null is removed, so the constructor's default applies).
 """
 from __future__ import annotations
 
@@ -171,7 +172,8 @@ def merge(config: dict, updates: dict, defaults: dict, prefix: str = "", root: d
         elif key == "options":
             if not isinstance(value, dict):
                 raise ConfigError(f"{full} must be a mapping, got {value!r}")
-            config[key] = {**config[key], **value}
+            # null removes an option (the constructor's default applies), e.g. one a base config set
+            config[key] = {k: v for k, v in {**config[key], **value}.items() if v is not None}
         else:
             config[key] = _check_type(full, value, default)
 

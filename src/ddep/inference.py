@@ -351,6 +351,15 @@ def describe_mode(
     return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
 
 
+def eval_for_model(eval_config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The eval settings with ``size_divisor`` defaulting to the multiple the model's input needs
+    (an smp model's output stride, say): images are padded up to it after normalisation."""
+    divisor = getattr(model, "input_divisor", 1)
+    if eval_config.get("size_divisor") is None and divisor > 1:
+        return {**eval_config, "size_divisor": divisor}
+    return eval_config
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,

@@ -15,7 +15,7 @@ from ..data import build_dataset
 from ..atomic import write_text_atomic
 from ..data.splits import split_hash
 from ..data.transforms import eval_transforms
-from ..inference import describe_mode, predict
+from ..inference import describe_mode, eval_for_model, predict
 from ..metrics import SegMetric
 from ..models.saving import load_model, model_file
 from .distributed import DistInfo, shutdown
@@ -77,9 +77,10 @@ def evaluate(config: dict[str, Any]) -> Path:
     run = start_run(config, training=False)
     try:
         model.to(run.device)
-        metrics = evaluate_model(model, dataset, config["eval"], run.device, run.dist)
+        eval_config = eval_for_model(config["eval"], model)
+        metrics = evaluate_model(model, dataset, eval_config, run.device, run.dist)
         if run.dist.is_main:
-            write_metrics(run.dir / "metrics.json", metrics, config["eval"], dataset, model_file(config["checkpoint"]))
+            write_metrics(run.dir / "metrics.json", metrics, eval_config, dataset, model_file(config["checkpoint"]))
             print(f"mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc {metrics['mAcc']:.2f}  ({len(dataset)} images)")
         return run.dir
     finally:

@@ -18,13 +18,14 @@ from ..config import PAPER_FINETUNE_LR
 from ..data import build_dataset
 from ..data.splits import LabeledSubset, hold_out, labeled_indices, split_hash
 from ..data.transforms import IGNORE_INDEX, eval_transforms, train_transforms
-from ..models import build_model
+from ..inference import eval_for_model
+from ..models import SegmentationModel, build_model
 from ..models.saving import load_model, read_model_config, save_model
 from .checkpoint import checkpoint_path
 from .distributed import barrier, shutdown
 from .evaluate import evaluate_model, write_metrics
 from .plan import run_plan
-from .run import start_run
+from .run import start_run, with_model
 from .trainer import Trainer
 
 
@@ -75,9 +76,12 @@ def plan_finetune(config: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def build_finetune_model(config: dict[str, Any], classes: int):
-    """From ``init`` (a pretraining checkpoint or exported model; its head is replaced), or from
+def build_finetune_model(config: dict[str, Any], classes: int, model: SegmentationModel | None = None) -> SegmentationModel:
+    """From ``init`` (a pretraining checkpoint or exported model; its head is replaced), from
+    ``model`` (its head replaced unless it has ``classes`` outputs), or from
     ``model.encoder_weights`` with a random decoder."""
+    if model is not None:
+        return model if model.config["classes"] == classes else model.replace_head(classes)
     if config["init"]:
         return load_model(config["init"]).replace_head(classes)
     m = config["model"]
@@ -91,12 +95,17 @@ def segmentation_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
 
 
-def finetune(config: dict[str, Any], resume: bool = False) -> Path:
+def finetune(config: dict[str, Any], resume: bool = False, model: SegmentationModel | None = None) -> Path:
+    """Train the whole model on the labeled images; the final checkpoint (or the one chosen on a
+    held-out part of them) is evaluated on the val split. ``model`` is trained in place instead
+    of building ``config["model"]`` (see :func:`ddep.engine.pretrain.pretrain`)."""
+    config = with_model(config, model)
     sets = finetune_data(config)  # bad data settings fail before a run folder exists
     run = start_run(config, resume)
     try:
         data = config["data"]
-        model = build_finetune_model(config, sets.train.num_classes)
+        model = build_finetune_model(config, sets.train.num_classes, model)
+        eval_config = eval_for_model(config["eval"], model)
         mean, std = model.config["mean"], model.config["std"]
         scale = tuple(data["scale"]) if data["scale"] else None
         sets.train.transform = train_transforms(
@@ -108,13 +117,13 @@ def finetune(config: dict[str, Any], resume: bool = False) -> Path:
         trainer = Trainer(config, model, sets.train, run.dir, run.dist, run.device, finetune_lr(config, model.config), "finetune", resume)
         for batch in trainer.batches():
             if trainer.backward(segmentation_loss(trainer, batch)) and trainer.due(config["eval_every"]):
-                periodic_evaluation(trainer, sets, config["eval"], run)
+                periodic_evaluation(trainer, sets, eval_config, run)
         best = checkpoint_path(run.dir, "best.pt")
         if sets.select is not None:
             barrier(run.dist)  # rank 0 may still be writing best.pt
         chosen = model if sets.select is None else load_model(best).to(run.device)  # the run's result
         if "final_metrics" not in trainer.extra:  # a resumed finished run has them
-            metrics = trainer.extra["final_metrics"] = evaluate_model(chosen, sets.val, config["eval"], run.device, run.dist)
+            metrics = trainer.extra["final_metrics"] = evaluate_model(chosen, sets.val, eval_config, run.device, run.dist)
             trainer.log({"step": trainer.step, "val_mIoU": metrics["mIoU"], "val_aAcc": metrics["aAcc"]})
         last = trainer.save("last.pt")
         if run.dist.is_main:
@@ -124,7 +133,7 @@ def finetune(config: dict[str, Any], resume: bool = False) -> Path:
                 selection = {"selected_on": split_hash(sets.select.pairs), "selected_step": trainer.extra["best_step"],
                              "select_mIoU": trainer.extra["best_mIoU"], "select_images": len(sets.select)}
             write_metrics(
-                run.dir / "metrics.json", trainer.extra["final_metrics"], config["eval"], sets.val,
+                run.dir / "metrics.json", trainer.extra["final_metrics"], eval_config, sets.val,
                 last if sets.select is None else best, **selection,
                 train_split_hash=split_hash(sets.train.pairs), train_images=len(sets.train), steps=trainer.step,
             )

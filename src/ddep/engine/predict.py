@@ -12,7 +12,7 @@ from ..data.io import DataError, read_image
 from ..data.labeled import require_dir
 from ..data.transforms import eval_transforms
 from ..data.unlabeled import list_images
-from ..inference import predict
+from ..inference import eval_for_model, predict
 from ..models.saving import load_model
 from .distributed import DistInfo, resolve_device
 
@@ -36,13 +36,14 @@ def predict_folder(config: dict[str, Any]) -> Path:
     model = load_model(config["checkpoint"]).to(device).eval()
     transform = eval_transforms(model.config["mean"], model.config["std"])
     colours = palette(model.config["classes"])
+    eval_config = eval_for_model(config["eval"], model)
     files = list_images(source)
     if not files:
         raise DataError(f"no images found under {source}")
     for name in files:
         image = read_image(source / name)
         x = transform({"image": image})["image"][None].to(device)
-        ids = predict(model, x, **config["eval"]).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        ids = predict(model, x, **eval_config).argmax(1)[0].to(torch.uint8).cpu().numpy()
         target = (output / name).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(ids).save(target)

@@ -10,23 +10,27 @@ from torchvision.utils import save_image
 
 from ..data import build_dataset
 from ..data.transforms import pretrain_transforms
-from ..models import build_model
+from ..models import SegmentationModel, build_model
 from ..models.saving import save_model
 from ..noise import corrupt, denoising_loss, estimate_clean, sample_gamma, to_model_input
 from .distributed import shutdown
 from .plan import run_plan
-from .run import start_run
+from .run import start_run, with_model
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
-def build_pretrain_model(config: dict[str, Any]):
+def build_pretrain_model(config: dict[str, Any], model: SegmentationModel | None = None) -> SegmentationModel:
+    """``config["model"]`` with a 3-channel head, or ``model`` given that head; in DDeP its encoder frozen."""
     m = config["model"]
-    model = build_model(m["arch"], m["encoder"], m["encoder_weights"], classes=3, decoder_width=m["decoder_width"], **m["options"])
-    if config["mode"] == "decoder":
-        if m["encoder_weights"] is None:
+    if model is None:
+        model = build_model(m["arch"], m["encoder"], m["encoder_weights"], classes=3, decoder_width=m["decoder_width"], **m["options"])
+        if config["mode"] == "decoder" and m["encoder_weights"] is None:
             log.warning("mode=decoder with a randomly initialised encoder: DDeP expects a pretrained encoder (model.encoder_weights)")
+    elif model.config["classes"] != 3:
+        model.replace_head(3)  # the noise (or image) has 3 channels
+    if config["mode"] == "decoder":
         model.freeze_encoder()
     return model
 
@@ -45,11 +49,17 @@ def plan_pretrain(config: dict[str, Any]) -> dict[str, Any]:
     return run_plan(config, len(pretrain_data(config)), config["optim"]["lr"])
 
 
-def pretrain(config: dict[str, Any], resume: bool = False) -> Path:
-    """Train the decoder (and in DeP the encoder) to predict the noise added to unlabeled images."""
+def pretrain(config: dict[str, Any], resume: bool = False, model: SegmentationModel | None = None) -> Path:
+    """Train the decoder (and in DeP the encoder) to predict the noise added to unlabeled images.
+
+    ``model`` (e.g. ``ddep.from_smp(your_smp_model)``) is trained in place instead of building
+    ``config["model"]``, which then records its architecture; a head of another width than 3 is
+    replaced on it.
+    """
+    config = with_model(config, model)
     run = start_run(config, resume)
     try:
-        model = build_pretrain_model(config)
+        model = build_pretrain_model(config, model)
         dataset = pretrain_data(config)
         trainer = Trainer(config, model, dataset, run.dir, run.dist, run.device, config["optim"]["lr"], "pretrain", resume)
         for batch in trainer.batches():

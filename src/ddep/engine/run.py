@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import save_config
+from ..models.segmenter import SegmentationModel
 from ..models.transunet import PATCH_STRIDE
 from .checkpoint import checkpoint_path, resumable_checkpoints
 from .distributed import DistInfo, init_distributed, resolve_device
@@ -58,6 +59,18 @@ def check_input_size(config: dict[str, Any]) -> None:
     if arch == "transunet" and crop is not None and crop % PATCH_STRIDE:
         raise ValueError(f"data.crop_size={crop}: TransUNet needs a multiple of {PATCH_STRIDE} (its patch size), "
                          f"e.g. {-(-crop // PATCH_STRIDE) * PATCH_STRIDE}")
+
+
+def with_model(config: dict[str, Any], model: SegmentationModel | None) -> dict[str, Any]:
+    """``config`` whose ``model`` section describes ``model`` (a model passed in from Python)."""
+    if model is None:
+        return config
+    if config.get("init"):
+        raise ValueError("pass either init=... or a model, not both")
+    c = model.config
+    options = {k: v for k, v in c.items() if k not in ("arch", "encoder", "encoder_weights", "decoder_width", "classes", "mean", "std")}
+    section = dict(arch=c["arch"], encoder=c["encoder"], encoder_weights=c["encoder_weights"], decoder_width=c["decoder_width"], options=options)
+    return {**config, "model": section}
 
 
 def start_run(config: dict[str, Any], resume: bool = False, training: bool = True) -> Run:

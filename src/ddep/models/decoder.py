@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,13 +111,19 @@ class UNetDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             skip = skips[i] if i < len(skips) else None
             if i >= recompute_from:
-                # compiled, the recomputation is functional and updates no running statistics anyway
-                # (and torch.compile takes no custom context_fn)
-                options = {} if torch.compiler.is_compiling() else {"context_fn": lambda b=block: (contextlib.nullcontext(), running_stats_kept(b))}
-                x = checkpoint(block, x, skip, use_reentrant=False, **options)
+                x = recomputed(block, x, skip)
             else:
                 x = block(x, skip)
         return x
+
+
+def recomputed(module: nn.Module, *args: Any) -> torch.Tensor:
+    """``module(*args)`` keeping no activations: it runs again in the backward pass, with the same
+    dropout draws, and its batch norms update their running statistics once, as without."""
+    # compiled, the recomputation is functional and updates no running statistics anyway
+    # (and torch.compile takes no custom context_fn)
+    options = {} if torch.compiler.is_compiling() else {"context_fn": lambda: (contextlib.nullcontext(), running_stats_kept(module))}
+    return checkpoint(module, *args, use_reentrant=False, **options)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,10 @@ class TimmEncoder(nn.Module):
         kind = weights_kind(encoder_weights)
         try:
             if kind == "tag":
-                self.model = create_pretrained(timm.create_model, pretrained_name(name, encoder_weights), features_only=True, **timm_kwargs)
+                timm_name = pretrained_name(name, encoder_weights)
+                self.model = create_pretrained(
+                    lambda: timm.create_model(timm_name, pretrained=True, features_only=True, **timm_kwargs), timm_name
+                )
             else:
                 self.model = timm.create_model(name, features_only=True, **timm_kwargs)
         except WeightsDownloadError:

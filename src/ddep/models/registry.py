@@ -2,16 +2,28 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from ..choices import check_choice, check_options
-from .segmenter import SegmentationModel
+from .segmenter import SegmentationModel, check_classes
 
-Builder = Callable[..., tuple[nn.Module, nn.Module]]
+
+class Parts(NamedTuple):
+    """What a builder returns: the three modules and the encoder's input normalisation."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+    head: nn.Module
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+Builder = Callable[..., Parts]
+BUILDER_ARGS = ("encoder", "encoder_weights", "decoder_width", "classes")
 
 
 @dataclass(frozen=True)
@@ -19,29 +31,39 @@ class Arch:
     name: str
     default_encoder: str
     builder: Builder
+    model_class: type[SegmentationModel] = SegmentationModel
+    #: the keyword options and their defaults; None: read from the builder's signature
+    options: dict[str, Any] | None = field(default=None)
 
 
 _ARCHS: dict[str, Arch] = {}
 
 
-def register_arch(name: str, default_encoder: str) -> Callable[[Builder], Builder]:
-    """Register ``builder(encoder, encoder_weights, decoder_width, **options) -> (encoder, decoder)``."""
+def register_arch(
+    name: str, default_encoder: str, model_class: type[SegmentationModel] = SegmentationModel,
+    options: dict[str, Any] | None = None,
+) -> Callable[[Builder], Builder]:
+    """Register ``builder(encoder, encoder_weights, decoder_width, classes, **options) -> Parts``."""
 
     def wrap(builder: Builder) -> Builder:
-        _ARCHS[name] = Arch(name, default_encoder, builder)
+        _ARCHS[name] = Arch(name, default_encoder, builder, model_class, options)
         return builder
 
     return wrap
 
 
 def list_archs() -> list[str]:
-    return sorted(_ARCHS)
+    """ddep's own architectures, then segmentation_models_pytorch's (``smp:<Arch>``)."""
+    return sorted(_ARCHS, key=lambda name: (name.startswith("smp:"), name))
 
 
 def arch_options(arch: str) -> dict[str, Any]:
     """The architecture-specific keyword options of ``arch`` and their defaults."""
-    params = inspect.signature(get_arch(arch).builder).parameters
-    return {k: p.default for k, p in params.items() if k not in ("encoder", "encoder_weights", "decoder_width")}
+    spec = get_arch(arch)
+    if spec.options is not None:
+        return dict(spec.options)
+    params = inspect.signature(spec.builder).parameters
+    return {k: p.default for k, p in params.items() if k not in BUILDER_ARGS}
 
 
 def get_arch(arch: str) -> Arch:
@@ -62,10 +84,12 @@ def build_model(
     """Build a segmentation model; ``build_model(**model.config)`` rebuilds it.
 
     Args:
-        arch: ``"unet"`` or ``"transunet"`` (see :func:`list_archs`).
-        encoder: a timm model name (default: the arch's, ``resnet50`` / ``vit_base_r50_s16_224``).
-        encoder_weights: None, a local .pth/.safetensors file, ``"efficientnet-lite0"``, or a timm
-            pretrained tag (needs the network).
+        arch: ``"unet"``, ``"transunet"`` or a segmentation_models_pytorch architecture,
+            ``"smp:FPN"`` (see :func:`list_archs`).
+        encoder: a timm model name (default: the arch's, ``resnet50`` / ``vit_base_r50_s16_224``);
+            for ``smp:`` archs an smp encoder name, ``tu-<timm name>`` included.
+        encoder_weights: None, a local .pth/.safetensors file, ``"efficientnet-lite0"``, or a
+            pretrained tag of timm (or smp) (needs the network, or the hub's local cache).
         classes: output channels (3 for denoising pretraining, K for segmentation).
         decoder_width: multiplies every decoder channel count (the paper's 1x, 2x, 3x).
         mean, std: input normalisation; defaults to the encoder's pretrained config.
@@ -73,18 +97,19 @@ def build_model(
     """
     spec = get_arch(arch)
     check_options(f"arch {arch!r}", options, arch_options(arch))
+    check_classes(classes)
     if not isinstance(decoder_width, int) or isinstance(decoder_width, bool) or decoder_width < 1:
         raise ValueError(f"decoder_width must be a positive integer (the paper uses 1, 2, 3); got {decoder_width!r}")
     encoder = encoder or spec.default_encoder
-    enc, dec = spec.builder(encoder=encoder, encoder_weights=encoder_weights, decoder_width=decoder_width, **options)
+    parts = spec.builder(encoder=encoder, encoder_weights=encoder_weights, decoder_width=decoder_width, classes=classes, **options)
     config = dict(
         arch=arch,
         encoder=encoder,
         encoder_weights=None if encoder_weights is None else str(encoder_weights),
         classes=classes,
         decoder_width=decoder_width,
-        mean=[float(v) for v in (mean if mean is not None else enc.mean)],
-        std=[float(v) for v in (std if std is not None else enc.std)],
+        mean=[float(v) for v in (mean if mean is not None else parts.mean)],
+        std=[float(v) for v in (std if std is not None else parts.std)],
         **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},  # plain JSON data
     )
-    return SegmentationModel(enc, dec, classes, config)
+    return spec.model_class(parts.encoder, parts.decoder, parts.head, config)

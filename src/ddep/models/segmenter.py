@@ -8,10 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_classes(classes: object) -> None:
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        raise ValueError(f"classes must be a positive integer; got {classes!r}")
+
+
 def make_head(in_channels: int, classes: int) -> nn.Conv2d:
     """A 3x3 convolution from the decoder's last features to one channel per class."""
-    if not isinstance(classes, int) or classes < 1:
-        raise ValueError(f"classes must be a positive integer; got {classes!r}")
     return nn.Conv2d(in_channels, classes, kernel_size=3, padding=1)
 
 
@@ -23,13 +26,16 @@ class SegmentationModel(nn.Module):
     normalised with ``config["mean"]`` and ``config["std"]``.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, classes: int, config: dict[str, Any]) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, segmentation_head: nn.Module, config: dict[str, Any]) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.segmentation_head = make_head(decoder.out_channels, classes)
-        self.config = dict(config, classes=classes)
+        self.segmentation_head = segmentation_head
+        self.config = dict(config)
         self.encoder_frozen = False
+
+    #: Input sides must be multiples of this (1: any size); inference pads up to it.
+    input_divisor: int = 1
 
     def check_input(self, x: torch.Tensor) -> None:
         """Reject inputs the architecture cannot take (overridden where sizes are constrained)."""
@@ -38,10 +44,13 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        logits = self.segmentation_head(self.decoder(self.encoder(x)))
+        logits = self.segmentation_head(self.decode(self.encoder(x)))
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
+
+    def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.decoder(features)
 
     def freeze_encoder(self) -> SegmentationModel:
         """No gradients for the encoder, and its norm/dropout layers held in eval mode.
@@ -73,9 +82,14 @@ class SegmentationModel(nn.Module):
         self.decoder.grad_checkpointing = enable
         return self
 
+    def new_head(self, classes: int) -> nn.Module:
+        """A randomly initialised head like the current one, with ``classes`` outputs."""
+        return make_head(self.segmentation_head.in_channels, classes)
+
     def replace_head(self, classes: int) -> SegmentationModel:
         """A new, randomly initialised head with ``classes`` outputs; every other weight is kept."""
-        old = self.segmentation_head
-        self.segmentation_head = make_head(old.in_channels, classes).to(device=old.weight.device, dtype=old.weight.dtype)
+        check_classes(classes)
+        old = next(self.segmentation_head.parameters())
+        self.segmentation_head = self.new_head(classes).to(device=old.device, dtype=old.dtype)
         self.config["classes"] = classes
         return self

@@ -23,7 +23,8 @@ from torch import nn
 
 from .decoder import UNetDecoder
 from .encoders import check_timm_name
-from .registry import register_arch
+from .registry import Parts, register_arch
+from .segmenter import make_head
 from .weights import create_pretrained, load_encoder_weights, pretrained_name, weights_kind
 
 PATCH_STRIDE = 16
@@ -98,7 +99,8 @@ class HybridViTEncoder(nn.Module):
         if weights_kind(encoder_weights) == "tag":
             if vit_sizes or custom_trunk:
                 raise ValueError("pretrained weights from timm need the default encoder sizes; drop depth/embed_dim/num_heads/resnet_*")
-            self.model = create_pretrained(timm.create_model, pretrained_name(name, encoder_weights), num_classes=0)
+            timm_name = pretrained_name(name, encoder_weights)
+            self.model = create_pretrained(lambda: timm.create_model(timm_name, pretrained=True, num_classes=0), timm_name)
         else:
             if custom_trunk:
                 vit_sizes["embed_layer"] = partial(HybridEmbed, backbone=hybrid_backbone(resnet_layers, resnet_width))
@@ -146,6 +148,7 @@ def transunet(
     encoder: str,
     encoder_weights: str | None,
     decoder_width: int,
+    classes: int,
     decoder_channels: Sequence[int] = (256, 128, 64, 16),
     center_channels: int = 512,
     depth: int | None = None,
@@ -156,7 +159,7 @@ def transunet(
     class_token: bool = False,
     dropout: float = 0.1,
     align_corners: bool = True,
-) -> tuple[HybridViTEncoder, UNetDecoder]:
+) -> Parts:
     """TransUNet's cascaded upsampler: a 3x3 conv on the tokens, then four bilinear blocks.
 
     ``decoder_width`` multiplies ``center_channels`` and ``decoder_channels``. ``depth``,
@@ -179,4 +182,4 @@ def transunet(
         upsample_mode="bilinear",
         align_corners=align_corners,
     )
-    return enc, dec
+    return Parts(enc, dec, make_head(dec.out_channels, classes), enc.mean, enc.std)

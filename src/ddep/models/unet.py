@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from .decoder import UNetDecoder
 from .encoders import TimmEncoder
-from .registry import register_arch
+from .registry import Parts, register_arch
+from .segmenter import make_head
 
 
 @register_arch("unet", default_encoder="resnet50")
@@ -14,8 +15,9 @@ def unet(
     encoder: str,
     encoder_weights: str | None,
     decoder_width: int,
+    classes: int,
     decoder_channels: Sequence[int] | None = None,
-) -> tuple[TimmEncoder, UNetDecoder]:
+) -> Parts:
     """A skip connection at every stride the encoder offers, then blocks up to full resolution.
 
     The default ``decoder_channels`` halve from the deepest block down to 16 at full resolution,
@@ -31,4 +33,5 @@ def unet(
         decoder_channels = [16 * 2 ** (num_blocks - 1 - i) for i in range(num_blocks)]
     elif len(decoder_channels) != num_blocks:
         raise ValueError(f"decoder_channels needs {num_blocks} entries for encoder {encoder!r}; got {len(decoder_channels)}")
-    return enc, UNetDecoder(enc.out_channels, [c * decoder_width for c in decoder_channels], upsample_mode="nearest")
+    dec = UNetDecoder(enc.out_channels, [c * decoder_width for c in decoder_channels], upsample_mode="nearest")
+    return Parts(enc, dec, make_head(dec.out_channels, classes), enc.mean, enc.std)

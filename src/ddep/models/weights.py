@@ -14,10 +14,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -26,6 +30,7 @@ from torch import nn
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 DEFAULT_TAGS = ("imagenet", "default")
 TORCHVISION_TAG = "tv_in1k"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -103,13 +108,53 @@ def pretrained_name(encoder: str, tag: str) -> str:
 
 
 class WeightsDownloadError(RuntimeError):
-    """timm could not fetch pretrained weights (offline, or the hub refused)."""
+    """timm or smp could not fetch pretrained weights (offline, or the hub refused)."""
 
 
-def create_pretrained(create: Callable[..., nn.Module], name: str, **kwargs) -> nn.Module:
-    """Call a timm constructor with ``pretrained=True``; a failed download becomes one clear line."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub (huggingface_hub's endpoint) accepts a connection within ``timeout``.
+
+    Without this probe a machine without network spends about 30 s in huggingface_hub's retries
+    before it fails. Behind a proxy (``HTTPS_PROXY``) the hub counts as reachable.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True
+    url = urlparse(constants.ENDPOINT)
     try:
-        return create(name, pretrained=True, **kwargs)
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_cache_only() -> Iterator[None]:
+    """huggingface_hub's offline mode for the duration: files come from its local cache or fail at once."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def create_pretrained(build: Callable[[], T], name: str) -> T:
+    """Run ``build`` (a constructor that downloads weights ``name``); a failed download is one clear line.
+
+    Without a connection to the hub, weights already in its local cache still load, and anything
+    else fails at once instead of after the hub client's retries.
+    """
+    try:
+        if hub_reachable():
+            return build()
+        with hub_cache_only():
+            return build()
     except (OSError, RuntimeError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsDownloadError(
