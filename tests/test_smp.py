@@ -3,10 +3,12 @@ import copy
 import json
 import time
 
+import fake_data
 import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from PIL import Image
 from torch import nn
 
 import ddep
@@ -242,6 +244,13 @@ def test_cli_chain_pretrain_finetune_export_on_an_smp_model(tmp_path, monkeypatc
     assert main(["finetune", *common, "init=runs/pretrain/model", "data.labeled=4", "eval_every=0"]) == 0
     metrics = json.loads((tmp_path / "runs/finetune/metrics.json").read_text())
     assert metrics["inference"]["size_divisor"] == 32  # whole images padded to FPN's stride
+    assert main(["evaluate", "checkpoint=runs/finetune/model", "data.dataset=demo", "data.options={size: 48, num_images: 2}",
+                 "device=cpu", "name=eval48"]) == 0  # 48 px images: padded to 64, logits cropped back
+    assert json.loads((tmp_path / "runs/eval48/metrics.json").read_text())["num_images"] == 2
+    for i in range(2):
+        fake_data.save(fake_data.rgb(i, (40, 56)), tmp_path / "photos" / f"{i}.png")
+    assert main(["predict", "checkpoint=runs/finetune/model", "input=photos", "output=masks", "device=cpu"]) == 0
+    assert Image.open(tmp_path / "masks/0.png").size == (56, 40)
     assert main(["export", "checkpoint=runs/finetune/model", "output=exported", "onnx=true", "onnx_size=[64, 64]"]) == 0
     assert "smp model (segmentation_models_pytorch.from_pretrained): exported/smp" in capsys.readouterr().out
     model = load_model("runs/finetune/model").eval()
@@ -249,3 +258,28 @@ def test_cli_chain_pretrain_finetune_export_on_an_smp_model(tmp_path, monkeypatc
     with torch.no_grad():
         assert torch.equal(smp.from_pretrained("exported/smp").eval()(x), model(x))
     onnx_matches_pytorch("exported/model.onnx", model, x)
+
+
+@pytest.mark.slow
+def test_the_five_lines_of_smp_md_run(tmp_path, monkeypatch, no_network):
+    """docs/SMP.md's Python, on a tiny encoder, a folder of 8 images and 2 steps."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "SMP.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", text, re.S)[:1]
+    for old, new in [('"resnet34", encoder_weights="imagenet"', f'"{TINY}", encoder_weights=None'),
+                     ('"steps=20000"', '"steps=2", "data.crop_size=64", "data.batch_size=4", "data.num_workers=0", '
+                                       '"progress=false", "device=cpu"')]:
+        assert old in block, f"docs/SMP.md changed: {old!r} not found"
+        block = block.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    for i in range(8):
+        fake_data.save(fake_data.rgb(i, (64, 64)), tmp_path / "my_unlabeled_images" / f"{i}.png")
+    namespace = {}
+    exec(compile(block, "docs/SMP.md", "exec"), namespace)
+    net = namespace["net"]
+    assert net.segmentation_head[0].out_channels == 19  # the user's head is left alone
+    pretrained = load_model(tmp_path / "runs" / "pretrain" / "model")
+    for key, value in net.decoder.state_dict().items():  # the user's model holds the pretrained decoder
+        assert torch.equal(value, pretrained.decoder.state_dict()[key]), key

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -33,7 +33,7 @@ class Arch:
     builder: Builder
     model_class: type[SegmentationModel] = SegmentationModel
     #: the keyword options and their defaults; None: read from the builder's signature
-    options: dict[str, Any] | None = field(default=None)
+    options: dict[str, Any] | None = None
 
 
 _ARCHS: dict[str, Arch] = {}
