@@ -14,6 +14,7 @@ from fake_data import FINETUNE, PRETRAIN, interrupt_after
 from ddep.cli import main
 from ddep.engine import trainer as trainer_module
 from ddep.engine.checkpoint import load_checkpoint, previous_checkpoint
+from ddep.engine.preemption import EXIT_PREEMPTED
 
 ARGS = {"pretrain": ["data.root=data/images", *PRETRAIN], "finetune": ["data.root=data", *FINETUNE]}
 
@@ -126,40 +127,56 @@ def mtime(path: Path) -> int | None:
         return None
 
 
-def kill_at_random_points(stage: str, args: list[str], kills: int, rng: random.Random) -> int:
-    """Start the run in a subprocess, SIGKILL it at a random moment once it has a checkpoint,
-    and resume, ``kills`` times; then let it finish. Returns how many kills hit a running process."""
+def logged_steps(name: str) -> int:
+    """The last step whose loss log.csv holds (log_every=1: every completed step)."""
+    rows = [line.split(",") for line in (Path("runs") / name / "log.csv").read_text().splitlines()[1:]]
+    return max(int(step) for step, key, _ in rows if key == "loss")
+
+
+def signal_at_random_points(stage: str, args: list[str], signum: int, times: int, rng: random.Random, steps: int) -> list[int]:
+    """Start the run in a subprocess, send ``signum`` at a random moment once it has trained a
+    step, and restart it with ``--resume auto``, ``times`` times; then let it finish.
+    Returns the exit status of every signalled attempt (after a SIGTERM each attempt must have
+    left a checkpoint at its last completed step)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "ddep", stage, *args]
-    checkpoints = Path("runs/killed/checkpoints")
-    hits = 0
-    for attempt in range(kills):
-        resume = ["--resume"] if checkpoints.exists() and any(checkpoints.glob("last*.pt")) else []
-        process = subprocess.Popen(command + resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = [sys.executable, "-m", "ddep", stage, *args, "--resume", "auto"]
+    checkpoints, log = Path("runs/killed/checkpoints"), Path("runs/killed/log.csv")
+    codes = []
+    for attempt in range(times):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         started = time.monotonic()
-        seen = mtime(checkpoints / "last.pt")
-        while process.poll() is None and time.monotonic() - started < 120:  # wait for a new checkpoint
-            if mtime(checkpoints / "last.pt") != seen:
+        seen = mtime(log)
+        while process.poll() is None and time.monotonic() - started < 120:  # wait for a newly trained step
+            if mtime(log) != seen:
                 break
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 0.3))
         if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            hits += 1
+            process.send_signal(signum)
+            _, stderr = process.communicate()
+            codes.append(process.returncode)
+            if process.returncode == EXIT_PREEMPTED:  # nothing lost beyond the step in flight
+                step = load_checkpoint(checkpoints / "last.pt")["step"]
+                assert f"after step {step} of {steps}; checkpoint runs/killed/checkpoints/last.pt" in stderr
+                assert logged_steps("killed") == step
         process.wait()
-    final = subprocess.run(command + ["--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    final = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert final.returncode == 0, final.stderr
-    return hits
+    return codes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_weights(data, stage):
-    args = [*ARGS[stage], "steps=12", "checkpoint_every=1", "eval_every=4" if stage == "finetune" else "image_every=4",
-            "deterministic=true"]
+@pytest.mark.parametrize("stage, signum", [("pretrain", signal.SIGKILL), ("finetune", signal.SIGKILL),
+                                           ("pretrain", signal.SIGTERM), ("finetune", signal.SIGTERM)])
+def test_a_signal_at_random_points_then_resume_auto_gives_the_uninterrupted_weights(data, stage, signum):
+    """SIGKILL loses the steps since the last checkpoint; SIGTERM (a scheduler's notice) none."""
+    every, steps = (1, 12) if signum == signal.SIGKILL else (8, 24)
+    args = [*ARGS[stage], f"steps={steps}", f"checkpoint_every={every}", "eval_every=4" if stage == "finetune" else "image_every=4",
+            "deterministic=true", "log_every=1"]
     assert main([stage, *args, "name=straight"]) == 0
-    hits = kill_at_random_points(stage, [*args, "name=killed"], kills=4, rng=random.Random(stage))
-    assert hits >= 3  # most kills land while the run works (the rest after it finished)
+    codes = signal_at_random_points(stage, [*args, "name=killed"], signum, 4, random.Random(f"{stage}{signum}"), steps)
+    hit = -signal.SIGKILL if signum == signal.SIGKILL else EXIT_PREEMPTED
+    assert codes.count(hit) >= 3  # most signals land while the run trains (the rest after it)
     assert_same_weights(final_weights("straight"), final_weights("killed"))
     assert not list(Path("runs/killed/checkpoints").glob(".*.tmp*"))  # no half-written files left behind
     if stage == "finetune":

@@ -64,11 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.command == "pretrain":
         from .engine.pretrain import pretrain
 
-        pretrain(config, resume=args.resume)
+        pretrain(config, resume=RESUME[args.resume])
     elif args.command == "finetune":
         from .engine.finetune import finetune
 
-        finetune(config, resume=args.resume)
+        finetune(config, resume=RESUME[args.resume])
     elif args.command == "evaluate":
         from .engine.evaluate import evaluate
 
@@ -111,6 +111,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         run_study(study, args.out)
     return 0
 
+
+#: --resume's value: None (the config's ``resume``), a bare --resume (True) or --resume auto
+RESUME = {None: None, "true": True, "auto": "auto"}
 
 RUN_COMMANDS = {
     "pretrain": "denoising pretraining of the decoder (DDeP) or the whole model (DeP)",
@@ -161,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text + ". Settings: --config FILE.yaml, then KEY=VALUE overrides (dotted keys, e.g. optim.lr=1e-4).")
         command.add_argument("--config", help="a YAML config file (see configs/)")
         if name in ("pretrain", "finetune"):
-            command.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/last.pt")
+            command.add_argument("--resume", nargs="?", const="true", choices=["true", "auto"], default=None,
+                                 help="continue the run from its checkpoints/last.pt; --resume auto: continue a run of the "
+                                      "same config if the folder holds one, else start (resubmit the same command as is)")
             command.add_argument("--dry-run", action="store_true",
                                  help="print the run's plan (steps, images per step, passes over the data) as JSON and stop")
         command.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.root=data/cityscapes")
@@ -169,11 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_values(argv: list[str]) -> list[str]:
+    """``--resume`` -> ``--resume=true``, ``--resume auto`` -> ``--resume=auto``: a bare --resume
+    takes no value, so that KEY=VALUE overrides may follow it."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--resume":
+            value = "auto" if argv[i + 1:i + 2] == ["auto"] else "true"
+            out.append(f"--resume={value}")
+            i += 2 if value == "auto" else 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     parser = build_parser()
+    argv = resume_values(list(sys.argv[1:] if argv is None else argv))
     # KEY=VALUE overrides may come after options (``NAME --scale paper a.b=1``), which argparse
     # alone does not allow for a second positional list.
     args, rest = parser.parse_known_args(argv)
@@ -184,8 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    from .engine.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         return args.run(args)
+    except Preempted as e:  # the checkpoint is written: the same command with --resume auto continues
+        print(f"ddep {args.command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
         message = str(e)
         if type(e).__name__ == "OutOfMemoryError" or "out of memory" in message.lower():

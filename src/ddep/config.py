@@ -23,6 +23,7 @@ COMMON: dict[str, Any] = {
     "out_dir": "runs",
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda | cuda:N
+    "dist_timeout_minutes": 30.0,  # under torchrun: how long a rank waits for the others before failing
     "model": {"arch": "unet", "encoder": "resnet50", "encoder_weights": None, "decoder_width": 1, "options": {}},
 }
 
@@ -33,6 +34,8 @@ TRAIN: dict[str, Any] = {
     "epochs": 1,
     "log_every": 10,
     "checkpoint_every": 500,
+    "checkpoint_minutes": None,  # also save last.pt when this many minutes passed since the last save
+    "resume": False,  # false | true | auto: resume a run of the same config when its folder holds one, else start
     "amp": "auto",  # auto (bf16 on GPU) | bf16 | fp16 | off
     "channels_last": "auto",
     "compile": False,
@@ -90,7 +93,7 @@ DEFAULTS["finetune"]["optim"] = {**TRAIN["optim"], "lr": None}  # None: PAPER_FI
 #: Types of keys whose default is None (None stays allowed).
 NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str, "steps": int, "init": str, "checkpoint": str, "model.encoder_weights": str, "input": str, "output": str,
-    "optim.lr": float, "optim.clip_grad_norm": float, "data.root": str, "data.labeled": (str, int, float), "data.scale": list,
+    "optim.lr": float, "optim.clip_grad_norm": float, "checkpoint_minutes": float, "data.root": str, "data.labeled": (str, int, float), "data.scale": list,
     "eval.crop_size": list, "eval.stride": list, "eval.size_divisor": int, "eval.test_scale": list,
 }
 
@@ -101,8 +104,15 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "amp": ("auto", "bf16", "fp16", "off"),
     "channels_last": ("auto", True, False),
     "mode": ("decoder", "encoder+decoder"),  # pretraining: DDeP (frozen encoder) or DeP
+    "resume": (False, True, "auto"),
     "optim.name": ("adam", "adamw", "sgd"),
 }
+
+
+#: Top-level keys that do not change what a run computes: a study's run hash leaves them out, and
+#: ``resume: auto`` resumes a run whose config differs only in them.
+RESULT_NEUTRAL_KEYS = ("name", "out_dir", "progress", "log_every", "grad_checkpointing", "resume", "checkpoint_minutes",
+                       "dist_timeout_minutes")
 
 
 class ConfigError(ValueError):

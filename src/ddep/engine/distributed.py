@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,13 +29,16 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1; otherwise a single process."""
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1; otherwise a single process.
+
+    ``timeout_minutes`` bounds every wait for another rank (connecting, a collective): a rank
+    that hangs then fails, and torchrun (``--max-restarts``) can restart the group."""
     if launched_world_size() <= 1:
         return DistInfo()
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -57,6 +61,24 @@ def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / info.world_size
+
+
+def all_reduce_max(values: list[int], info: DistInfo, device: torch.device) -> list[int]:
+    """The element-wise maximum of ``values`` over the ranks (flags any rank raised)."""
+    if not info.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def gather_objects(value: object, info: DistInfo) -> list:
+    """``value`` from every rank, in rank order, on every rank (``[value]`` in a single process)."""
+    if not info.enabled:
+        return [value]
+    values: list = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier(info: DistInfo) -> None:

@@ -95,7 +95,7 @@ def segmentation_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
 
 
-def finetune(config: dict[str, Any], resume: bool = False, model: SegmentationModel | None = None) -> Path:
+def finetune(config: dict[str, Any], resume: bool | str | None = None, model: SegmentationModel | None = None) -> Path:
     """Train the whole model on the labeled images; the final checkpoint (or the one chosen on a
     held-out part of them) is evaluated on the val split. ``model`` is trained in place instead
     of building ``config["model"]`` (see :func:`ddep.engine.pretrain.pretrain`)."""
@@ -114,7 +114,7 @@ def finetune(config: dict[str, Any], resume: bool = False, model: SegmentationMo
         sets.val.transform = eval_transforms(mean, std)
         if sets.select is not None:
             sets.select.transform = eval_transforms(mean, std)
-        trainer = Trainer(config, model, sets.train, run.dir, run.dist, run.device, finetune_lr(config, model.config), "finetune", resume)
+        trainer = Trainer(config, model, sets.train, run.dir, run.dist, run.device, finetune_lr(config, model.config), "finetune", run.resumed)
         for batch in trainer.batches():
             if trainer.backward(segmentation_loss(trainer, batch)) and trainer.due(config["eval_every"]):
                 periodic_evaluation(trainer, sets, eval_config, run)

@@ -49,19 +49,20 @@ def plan_pretrain(config: dict[str, Any]) -> dict[str, Any]:
     return run_plan(config, len(pretrain_data(config)), config["optim"]["lr"])
 
 
-def pretrain(config: dict[str, Any], resume: bool = False, model: SegmentationModel | None = None) -> Path:
+def pretrain(config: dict[str, Any], resume: bool | str | None = None, model: SegmentationModel | None = None) -> Path:
     """Train the decoder (and in DeP the encoder) to predict the noise added to unlabeled images.
 
     ``model`` (e.g. ``ddep.from_smp(your_smp_model)``) is trained in place instead of building
     ``config["model"]``, which then records its architecture; a head of another width than 3 is
-    replaced on it.
+    replaced on it. ``resume`` (True, False or ``"auto"``; None: ``config["resume"]``): see
+    :func:`ddep.engine.run.start_run`.
     """
     config = with_model(config, model)
     run = start_run(config, resume)
     try:
         model = build_pretrain_model(config, model)
         dataset = pretrain_data(config)
-        trainer = Trainer(config, model, dataset, run.dir, run.dist, run.device, config["optim"]["lr"], "pretrain", resume)
+        trainer = Trainer(config, model, dataset, run.dir, run.dist, run.device, config["optim"]["lr"], "pretrain", run.resumed)
         for batch in trainer.batches():
             step = denoising_pass(trainer, batch["image"], config["noise"])
             if trainer.backward(step.loss) and run.dist.is_main and trainer.due(config["image_every"]):

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from ..config import save_config
+from ..config import RESULT_NEUTRAL_KEYS, save_config
 from ..models.segmenter import SegmentationModel
 from ..models.transunet import PATCH_STRIDE
 from .checkpoint import checkpoint_path, resumable_checkpoints
@@ -21,6 +22,7 @@ class Run:
     dir: Path
     dist: DistInfo
     device: torch.device
+    resumed: bool = False
 
 
 def last_checkpoint(config: dict[str, Any]) -> Path:
@@ -73,16 +75,54 @@ def with_model(config: dict[str, Any], model: SegmentationModel | None) -> dict[
     return {**config, "model": section}
 
 
-def start_run(config: dict[str, Any], resume: bool = False, training: bool = True) -> Run:
-    """Check the run folder before any work, seed everything, save the resolved config."""
-    dist_info = init_distributed(config["device"])
-    device = resolve_device(config["device"], dist_info)
+def config_differences(saved: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: A there, B here`` for every setting that differs, the result-neutral ones left out."""
+    out = []
+    for key in sorted(set(saved) | set(config)):
+        if not prefix and key in RESULT_NEUTRAL_KEYS:
+            continue
+        a, b = saved.get(key), config.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} here")
+    return out
+
+
+def resolve_resume(config: dict[str, Any], resume: bool | str | None) -> bool:
+    """Whether a training run resumes. ``True``: it must (a checkpoint must exist); ``False``: it
+    must not (a folder holding a run is refused); ``"auto"``: it resumes a run made with the same
+    config, starts when the folder holds none, and refuses one made with another config. None
+    takes ``config["resume"]``; a group torchrun restarts (``TORCHELASTIC_RESTART_COUNT`` > 0)
+    counts False as ``"auto"``, so that it continues from the last checkpoint."""
+    resume = config.get("resume", False) if resume is None else resume
+    if resume is False and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"
     run_dir = Path(config["out_dir"]) / config["name"]
-    resumable = training and can_resume(config)
-    if training and resume and not resumable:
+    resumable = can_resume(config)
+    if resume == "auto":
+        saved = run_dir / "config.yaml"
+        if resumable and saved.is_file():
+            differences = config_differences(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(yaml.safe_dump(config)))
+            if differences:
+                raise FileExistsError(f"{run_dir} holds a run made with another config ({'; '.join(differences[:3])}): "
+                                      "name=... for a new run, or --resume to continue it anyway")
+        return resumable
+    if resume and not resumable:
         raise FileNotFoundError(f"--resume: no checkpoint to resume from at {last_checkpoint(config)}")
     if not resume and resumable:
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or name=... for a new run")
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume (or --resume auto) to continue it, "
+                              "or name=... for a new run")
+    return bool(resume)
+
+
+def start_run(config: dict[str, Any], resume: bool | str | None = None, training: bool = True) -> Run:
+    """Check the run folder before any work (see :func:`resolve_resume`), seed everything, save
+    the resolved config."""
+    dist_info = init_distributed(config["device"], config.get("dist_timeout_minutes", 30.0))
+    device = resolve_device(config["device"], dist_info)
+    run_dir = Path(config["out_dir"]) / config["name"]
+    resumed = training and resolve_resume(config, resume)
     if training:
         check_input_size(config)
     if dist_info.is_main:
@@ -99,7 +139,7 @@ def start_run(config: dict[str, Any], resume: bool = False, training: bool = Tru
     random.seed(seed)
     torch.manual_seed(seed)
     configure_kernels(device, training, bool(config.get("deterministic")))
-    return Run(run_dir, dist_info, device)
+    return Run(run_dir, dist_info, device, resumed)
 
 
 def configure_kernels(device: torch.device, training: bool, deterministic: bool) -> None:

@@ -16,6 +16,7 @@ import csv
 import logging
 import math
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import checkpoint_path, load_resumable, save_checkpoint
-from .distributed import DistInfo, all_reduce_mean
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_objects
+from .preemption import Preempted, StopSignals, ignore_stop_signals, requeue_slurm_job
 
 log = logging.getLogger(__name__)
 MIX = 0x9E3779B97F4A7C15
@@ -178,7 +180,10 @@ class Trainer:
             num_workers=config["data"]["num_workers"],
             pin_memory=device.type == "cuda",
             drop_last=True,
+            worker_init_fn=ignore_stop_signals,
         )
+        self.stop_signals = StopSignals()
+        self._saved_at = (self.step, time.monotonic())  # the step and time of the last last.pt
         self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
         self._micro = 0
         self._progress = None
@@ -219,10 +224,14 @@ class Trainer:
         self._open_logs()
         if self.step >= self.total_steps:
             return
-        for batch in self.loader:
-            yield self.to_device(batch)
-            if self.step >= self.total_steps:
-                break
+        self.stop_signals.install()  # a stop signal ends the run after the step in flight (preemption.py)
+        try:
+            for batch in self.loader:
+                yield self.to_device(batch)
+                if self.step >= self.total_steps:
+                    break
+        finally:
+            self.stop_signals.restore()
 
     def backward(self, loss: torch.Tensor) -> bool:
         """Accumulate ``loss``; every ``grad_accum`` micro-batches take an optimizer step.
@@ -282,8 +291,27 @@ class Trainer:
             }
             self.log(row)
             self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
-        if self.step < self.total_steps and self.due(self.config["checkpoint_every"]):
+        minutes = self.config["checkpoint_minutes"]
+        timed = bool(minutes) and time.monotonic() - self._saved_at[1] >= 60 * minutes
+        # every rank must take the same decisions (a save gathers their random states): one all-reduce
+        signum, timed = all_reduce_max([self.stop_signals.signum or 0, int(timed)], self.dist, self.device)
+        if self.step < self.total_steps and (self.due(self.config["checkpoint_every"]) or timed):
             self.save("last.pt")  # the last one is the loop's, after its final work (evaluation)
+        if signum:
+            self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        """Save this step's last.pt (unless done), let every rank see it written, and stop."""
+        path = checkpoint_path(self.run_dir, "last.pt")
+        if self._saved_at[0] != self.step:
+            self.save("last.pt")
+        barrier(self.dist)  # no rank leaves (and makes torchrun stop the others) before the checkpoint exists
+        self.stop_signals.restore()
+        self.close()
+        if signum == signal.SIGUSR1 and self.dist.is_main:
+            requeue_slurm_job()
+        raise Preempted(f"stopped by {signal.Signals(signum).name} after step {self.step} of {self.total_steps}; "
+                        f"checkpoint {path} (continue: the same command with --resume auto)")
 
     # ----- logs
     def _open_logs(self) -> None:
@@ -327,7 +355,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+            rng["cuda"] = torch.cuda.get_rng_state(self.device).cpu()
         return {
             "stage": self.stage,
             "model": self.model.state_dict(),
@@ -336,15 +364,18 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "rng": rng,
+            "rng": {"ranks": gather_objects(rng, self.dist)},  # every rank draws its own noise and dropout
             "config": self.config,
             "extra": self.extra,
         }
 
     def save(self, name: str) -> Path:
         path = checkpoint_path(self.run_dir, name)
+        state = self.state_dict()  # on every rank: it gathers their random states
         if self.dist.is_main:
-            save_checkpoint(self.state_dict(), path, keep_previous=name == "last.pt")
+            save_checkpoint(state, path, keep_previous=name == "last.pt")
+        if name == "last.pt":
+            self._saved_at = (self.step, time.monotonic())
         return path
 
     def load(self, path: Path) -> None:
@@ -359,7 +390,12 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.extra = state.get("extra", {})
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        self.generator.set_state(state["rng"]["generator"].cpu())
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        ranks = state["rng"].get("ranks", [state["rng"]])  # older checkpoints kept rank 0's only
+        if len(ranks) != self.dist.world_size:
+            log.warning("%s: saved by %d processes, resumed by %d: the random streams differ from an uninterrupted run's",
+                        path, len(ranks), self.dist.world_size)
+        rng = ranks[self.dist.rank % len(ranks)]
+        torch.set_rng_state(rng["torch"].cpu())
+        self.generator.set_state(rng["generator"].cpu())
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)

@@ -31,7 +31,6 @@ from ..data.transforms import eval_transforms
 from ..engine.finetune import finetune
 from ..engine.predict import palette
 from ..engine.pretrain import pretrain
-from ..engine.run import can_resume
 from ..inference import predict
 from ..models.saving import CONFIG_FILE, load_model
 from .report import markdown_table, plot, text_table
@@ -123,7 +122,7 @@ def run_stage(stage: Callable[..., Path], config: dict[str, Any], done: Path) ->
     """Run ``stage`` unless ``done`` exists; a run interrupted after a checkpoint resumes from it."""
     if done.is_file():
         return False
-    stage(config, resume=can_resume(config))
+    stage(config, resume="auto")
     return True
 
 

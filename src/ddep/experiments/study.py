@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from ..atomic import write_text_atomic
-from ..config import ConfigError, load_config, parse_key_value
+from ..config import RESULT_NEUTRAL_KEYS, ConfigError, load_config, parse_key_value
 from ..engine.finetune import finetune
 from ..engine.pretrain import pretrain
 from ..models.saving import CONFIG_FILE
@@ -45,7 +45,7 @@ STAGES = ("pretrain", "finetune")
 SET_BY_STUDY = {"seed": "one run per seed: use seeds or --seeds", "data.labeled_seed": "the seed: use seeds or --seeds",
                 "init": "the cell's pretraining run, or none with pretrain: false"}
 #: Keys that do not change what a run computes, left out of its hash.
-UNHASHED = ("name", "out_dir", "progress", "log_every", "grad_checkpointing")
+UNHASHED = RESULT_NEUTRAL_KEYS
 
 
 @dataclass

@@ -1,0 +1,74 @@
+"""Stopping cleanly when a scheduler takes the machine back.
+
+SLURM sends SIGTERM (or, with ``--signal``, SIGUSR1) some time before it kills a job, spot
+instances and torchrun send SIGTERM, a person presses Ctrl-C (SIGINT). While a run trains,
+:class:`StopSignals` records such a signal instead of dying; the Trainer finishes the optimizer
+step in flight, writes ``last.pt`` and exits with :data:`EXIT_PREEMPTED`. Further signals
+during the save are recorded and change nothing. Under SLURM a SIGUSR1 also requeues the job
+(``scontrol requeue $SLURM_JOB_ID``), which restarts the same command line: with
+``--resume auto`` it continues from the checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from types import FrameType
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+#: The exit status of a run stopped by a signal after saving its checkpoint (EX_TEMPFAIL:
+#: "try again later"), told apart from success (0) and errors (1).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """A run stopped by a signal after saving its checkpoint; the message names both."""
+
+
+class StopSignals:
+    """While installed, SIGTERM/SIGINT/SIGUSR1 are recorded (the first one wins), not fatal."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.count = 0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        if self.signum is None:
+            self.signum = signum
+        else:
+            log.warning("%s received again: still stopping after the step in flight", signal.Signals(signum).name)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader workers leave stop signals to the main process, which shuts them down
+    (SLURM and a terminal's Ctrl-C signal the whole process group)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue $SLURM_JOB_ID`` when running under SLURM; a failure is a warning."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+        log.info("SLURM job %s requeued", job)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not requeue SLURM job %s (%s): resubmit it", job, e)
