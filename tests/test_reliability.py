@@ -170,7 +170,7 @@ def signal_at_random_points(stage: str, args: list[str], signum: int, times: int
                                            ("pretrain", signal.SIGTERM), ("finetune", signal.SIGTERM)])
 def test_a_signal_at_random_points_then_resume_auto_gives_the_uninterrupted_weights(data, stage, signum):
     """SIGKILL loses the steps since the last checkpoint; SIGTERM (a scheduler's notice) none."""
-    every, steps = (1, 12) if signum == signal.SIGKILL else (8, 24)
+    every, steps = (1, 12) if signum == signal.SIGKILL else (6, 16)
     args = [*ARGS[stage], f"steps={steps}", f"checkpoint_every={every}", "eval_every=4" if stage == "finetune" else "image_every=4",
             "deterministic=true", "log_every=1"]
     assert main([stage, *args, "name=straight"]) == 0

@@ -37,8 +37,17 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if launched_world_size() <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+        timeout = timedelta(minutes=timeout_minutes)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # torchrun's store can outlive a restart: keys of this attempt only, never a dead worker's address
+            from torch.distributed.rendezvous import rendezvous
+
+            store, rank, world_size = next(rendezvous("env://", timeout=timeout))
+            dist.init_process_group(backend, store=dist.PrefixStore(f"ddep/attempt{attempt}/", store), rank=rank,
+                                    world_size=world_size, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
