@@ -55,3 +55,16 @@ def onnx_matches_pytorch(path, model, x) -> None:
     (logits,) = session.run(["logits"], {"image": x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def assert_config_rebuilds(model, size: int) -> None:
+    """``build_model(**model.config)``, the config through JSON, is the same model: same outputs."""
+    import json
+
+    config = json.loads(json.dumps(model.config))  # plain data, storable as JSON
+    rebuilt = ddep.build_model(**config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), rebuilt(x))
+    assert rebuilt.config == config

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ddep
-from conftest import TINY_TRANSUNET, tiny_model
+from conftest import TINY_TRANSUNET, assert_config_rebuilds, tiny_model
 from ddep.models.decoder import DecoderBlock
 
 
@@ -178,14 +178,7 @@ def test_full_transunet_matches_the_paper_sizes():
 
 @pytest.mark.parametrize("arch", ["unet", "transunet"])
 def test_config_rebuilds_the_same_model(arch):
-    model = tiny_model(arch, classes=4, decoder_width=2).eval()
-    config = json.loads(json.dumps(model.config))  # plain data, storable as JSON
-    rebuilt = ddep.build_model(**config).eval()
-    rebuilt.load_state_dict(model.state_dict())
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model(x), rebuilt(x))
-    assert rebuilt.config == config
+    assert_config_rebuilds(tiny_model(arch, classes=4, decoder_width=2), 32)
 
 
 def test_normalisation_comes_from_the_encoder_and_can_be_overridden():

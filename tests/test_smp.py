@@ -16,7 +16,7 @@ from ddep.models import OFFLINE_WEIGHTS
 from ddep.models.saving import load_model, save_model
 from ddep.models.smp_models import save_smp, smp_classes, width_options
 from ddep.models.weights import WeightsDownloadError
-from conftest import onnx_matches_pytorch
+from conftest import assert_config_rebuilds, onnx_matches_pytorch
 from test_freezing import pretraining_step
 
 TINY = "tu-test_resnet"  # timm's 0.5 M-parameter test ResNet, strides 2 to 32
@@ -78,14 +78,7 @@ def test_replace_head_keeps_every_other_weight(name):
 
 @pytest.mark.parametrize("name", CONTRACT)
 def test_config_rebuilds_the_same_model(name):
-    model = contract_model(name, classes=4).eval()
-    config = json.loads(json.dumps(model.config))  # plain data, storable as JSON
-    rebuilt = ddep.build_model(**config).eval()
-    rebuilt.load_state_dict(model.state_dict())
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(model(x), rebuilt(x))
-    assert rebuilt.config == config
+    assert_config_rebuilds(contract_model(name, classes=4), 64)
 
 
 @pytest.mark.parametrize("name", CONTRACT)
