@@ -33,7 +33,6 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.count = 0
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -48,7 +47,6 @@ class StopSignals:
         self._previous = {}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.count += 1
         if self.signum is None:
             self.signum = signum
         else:

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from ..config import RESULT_NEUTRAL_KEYS, save_config
+from ..models.registry import config_options
 from ..models.segmenter import SegmentationModel
 from ..models.transunet import PATCH_STRIDE
 from .checkpoint import checkpoint_path, resumable_checkpoints
@@ -70,8 +71,8 @@ def with_model(config: dict[str, Any], model: SegmentationModel | None) -> dict[
     if config.get("init"):
         raise ValueError("pass either init=... or a model, not both")
     c = model.config
-    options = {k: v for k, v in c.items() if k not in ("arch", "encoder", "encoder_weights", "decoder_width", "classes", "mean", "std")}
-    section = dict(arch=c["arch"], encoder=c["encoder"], encoder_weights=c["encoder_weights"], decoder_width=c["decoder_width"], options=options)
+    section = dict(arch=c["arch"], encoder=c["encoder"], encoder_weights=c["encoder_weights"], decoder_width=c["decoder_width"],
+                   options=config_options(c))
     return {**config, "model": section}
 
 
@@ -95,7 +96,7 @@ def resolve_resume(config: dict[str, Any], resume: bool | str | None) -> bool:
     config, starts when the folder holds none, and refuses one made with another config. None
     takes ``config["resume"]``; a group torchrun restarts (``TORCHELASTIC_RESTART_COUNT`` > 0)
     counts False as ``"auto"``, so that it continues from the last checkpoint."""
-    resume = config.get("resume", False) if resume is None else resume
+    resume = config["resume"] if resume is None else resume
     if resume is False and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = "auto"
     run_dir = Path(config["out_dir"]) / config["name"]
@@ -119,7 +120,7 @@ def resolve_resume(config: dict[str, Any], resume: bool | str | None) -> bool:
 def start_run(config: dict[str, Any], resume: bool | str | None = None, training: bool = True) -> Run:
     """Check the run folder before any work (see :func:`resolve_resume`), seed everything, save
     the resolved config."""
-    dist_info = init_distributed(config["device"], config.get("dist_timeout_minutes", 30.0))
+    dist_info = init_distributed(config["device"], config["dist_timeout_minutes"])
     device = resolve_device(config["device"], dist_info)
     run_dir = Path(config["out_dir"]) / config["name"]
     resumed = training and resolve_resume(config, resume)

@@ -44,8 +44,6 @@ STAGES = ("pretrain", "finetune")
 #: Fine-tuning keys the study sets for each run, never taken from overrides.
 SET_BY_STUDY = {"seed": "one run per seed: use seeds or --seeds", "data.labeled_seed": "the seed: use seeds or --seeds",
                 "init": "the cell's pretraining run, or none with pretrain: false"}
-#: Keys that do not change what a run computes, left out of its hash.
-UNHASHED = RESULT_NEUTRAL_KEYS
 
 
 @dataclass
@@ -95,7 +93,7 @@ def list_studies(scale: str = "demo") -> list[str]:
 
 def run_hash(config: Mapping[str, Any]) -> str:
     """Ten hex digits of the config's SHA-256, without the keys that do not change the result."""
-    kept = {k: v for k, v in config.items() if k not in UNHASHED}
+    kept = {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_KEYS}  # keys that change no result: out
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

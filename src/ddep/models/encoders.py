@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..choices import did_you_mean
-from .weights import WeightsDownloadError, create_pretrained, load_encoder_weights, pretrained_name, weights_kind
+from .weights import WeightsDownloadError, create_timm_pretrained, load_encoder_weights, weights_kind
 
 
 def check_timm_name(encoder: str) -> None:
@@ -31,10 +31,7 @@ class TimmEncoder(nn.Module):
         kind = weights_kind(encoder_weights)
         try:
             if kind == "tag":
-                timm_name = pretrained_name(name, encoder_weights)
-                self.model = create_pretrained(
-                    lambda: timm.create_model(timm_name, pretrained=True, features_only=True, **timm_kwargs), timm_name
-                )
+                self.model = create_timm_pretrained(name, encoder_weights, features_only=True, **timm_kwargs)
             else:
                 self.model = timm.create_model(name, features_only=True, **timm_kwargs)
         except WeightsDownloadError:

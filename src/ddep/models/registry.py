@@ -102,14 +102,32 @@ def build_model(
         raise ValueError(f"decoder_width must be a positive integer (the paper uses 1, 2, 3); got {decoder_width!r}")
     encoder = encoder or spec.default_encoder
     parts = spec.builder(encoder=encoder, encoder_weights=encoder_weights, decoder_width=decoder_width, classes=classes, **options)
-    config = dict(
+    config = model_config(arch, encoder, encoder_weights, classes, decoder_width, mean if mean is not None else parts.mean,
+                          std if std is not None else parts.std, options)
+    return spec.model_class(parts.encoder, parts.decoder, parts.head, config)
+
+
+#: The keys of every ``model.config``; the others are the architecture's options.
+CONFIG_KEYS = ("arch", "encoder", "encoder_weights", "classes", "decoder_width", "mean", "std")
+
+
+def model_config(
+    arch: str, encoder: str, encoder_weights: str | None, classes: int, decoder_width: int,
+    mean: Sequence[float], std: Sequence[float], options: dict[str, Any],
+) -> dict[str, Any]:
+    """A model's ``config`` as plain JSON data: the arguments that rebuild it with :func:`build_model`."""
+    return dict(
         arch=arch,
         encoder=encoder,
         encoder_weights=None if encoder_weights is None else str(encoder_weights),
         classes=classes,
         decoder_width=decoder_width,
-        mean=[float(v) for v in (mean if mean is not None else parts.mean)],
-        std=[float(v) for v in (std if std is not None else parts.std)],
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},  # plain JSON data
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
     )
-    return spec.model_class(parts.encoder, parts.decoder, parts.head, config)
+
+
+def config_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The architecture options in a model's ``config``."""
+    return {k: v for k, v in config.items() if k not in CONFIG_KEYS}

@@ -26,7 +26,7 @@ from torch import nn
 from ..choices import check_choice, did_you_mean
 from .decoder import recomputed
 from .encoders import check_timm_name
-from .registry import Parts, register_arch
+from .registry import Parts, config_options, model_config, register_arch
 from .segmenter import SegmentationModel
 from .weights import OFFLINE_WEIGHTS, create_pretrained, load_encoder_weights, load_into, pretrained_name, read_state_dict, weights_kind
 
@@ -82,10 +82,10 @@ def _construct(cls: type, encoder: str, weights: str | bool | None, classes: int
 
 def check_encoder_name(encoder: str) -> None:
     """An smp encoder name, or ``tu-`` and a timm model name."""
+    names = smp.encoders.get_encoder_names()
     if encoder.startswith(TIMM_PREFIX):
         check_timm_name(encoder[len(TIMM_PREFIX):])
-    elif encoder not in smp.encoders.get_encoder_names():
-        names = smp.encoders.get_encoder_names()
+    elif encoder not in names:
         raise ValueError(f"unknown smp encoder {encoder!r}{did_you_mean(encoder, names)} "
                          f"(timm models: 'tu-<timm name>', e.g. 'tu-{encoder}')")
 
@@ -222,14 +222,10 @@ def from_smp(model: nn.Module, mean: Sequence[float] | None = None, std: Sequenc
         raise ValueError(f"from_smp: ddep needs in_channels=3 and activation=None (raw logits); "
                          f"got in_channels={init.get('in_channels')}, activation={init.get('activation')!r}")
     defaults = smp_options(cls)
-    options = {k: list(v) if isinstance(v, tuple) else v for k, v in init.items() if k in defaults and v != defaults[k]}
+    options = {k: v for k, v in init.items() if k in defaults and v != defaults[k]}
     default_mean, default_std = normalisation(model.encoder)
-    config = dict(
-        arch=PREFIX + name, encoder=init["encoder_name"], encoder_weights=None, classes=init["classes"], decoder_width=1,
-        mean=[float(v) for v in (mean if mean is not None else default_mean)],
-        std=[float(v) for v in (std if std is not None else default_std)],
-        **options,
-    )
+    config = model_config(PREFIX + name, init["encoder_name"], None, init["classes"], 1, mean if mean is not None else default_mean,
+                          std if std is not None else default_std, options)
     return SmpModel(model.encoder, model.decoder, model.segmentation_head, config)
 
 
@@ -239,8 +235,8 @@ def to_smp(model: SmpModel) -> nn.Module:
         raise TypeError(f"to_smp needs a model built on an smp architecture (arch 'smp:...'); got arch {model.config['arch']!r}")
     config = model.config
     cls = model.smp_class
-    options = {k: config[k] for k in smp_options(cls) if k in config}
-    plain = _construct(cls, config["encoder"], None, config["classes"], smp_kwargs(cls, config["decoder_width"], options))
+    options = smp_kwargs(cls, config["decoder_width"], config_options(config))
+    plain = _construct(cls, config["encoder"], None, config["classes"], options)
     plain.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
     return plain.to(next(model.parameters()).device).train(model.training)
 

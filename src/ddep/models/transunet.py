@@ -25,7 +25,7 @@ from .decoder import UNetDecoder
 from .encoders import check_timm_name
 from .registry import Parts, register_arch
 from .segmenter import make_head
-from .weights import create_pretrained, load_encoder_weights, pretrained_name, weights_kind
+from .weights import create_timm_pretrained, load_encoder_weights, weights_kind
 
 PATCH_STRIDE = 16
 DEFAULT_RESNET_LAYERS = (3, 4, 9)
@@ -99,8 +99,7 @@ class HybridViTEncoder(nn.Module):
         if weights_kind(encoder_weights) == "tag":
             if vit_sizes or custom_trunk:
                 raise ValueError("pretrained weights from timm need the default encoder sizes; drop depth/embed_dim/num_heads/resnet_*")
-            timm_name = pretrained_name(name, encoder_weights)
-            self.model = create_pretrained(lambda: timm.create_model(timm_name, pretrained=True, num_classes=0), timm_name)
+            self.model = create_timm_pretrained(name, encoder_weights, num_classes=0)
         else:
             if custom_trunk:
                 vit_sizes["embed_layer"] = partial(HybridEmbed, backbone=hybrid_backbone(resnet_layers, resnet_width))

@@ -163,6 +163,12 @@ def create_pretrained(build: Callable[[], T], name: str) -> T:
         ) from None
 
 
+def create_timm_pretrained(encoder: str, tag: str, **kwargs) -> nn.Module:
+    """timm's ``encoder`` with the weights ``tag`` names (see :func:`pretrained_name`), downloaded."""
+    name = pretrained_name(encoder, tag)
+    return create_pretrained(lambda: timm.create_model(name, pretrained=True, **kwargs), name)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file or a torch file, never unpickling arbitrary objects."""
     path = Path(path)
