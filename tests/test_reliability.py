@@ -92,7 +92,7 @@ def test_keeping_the_previous_checkpoint_never_leaves_last_missing(tmp_path, mon
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_not_a_live_ones(tmp_path):
-    from ddep.engine.run import remove_stale_temporaries
+    from ddep.atomic import remove_stale_temporaries
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale, live = tmp_path / f".last.pt.tmp{int(dead.stdout)}", tmp_path / f".last.pt.tmp{os.getpid()}"

@@ -55,3 +55,22 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete ``.NAME.tmpPID`` files left by processes killed while saving (not a live one's)."""
+    for stale in folder.glob(".*.tmp*"):
+        pid = stale.name.rpartition(".tmp")[2]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

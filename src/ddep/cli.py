@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 
@@ -38,6 +39,26 @@ def cmd_splits(args: argparse.Namespace) -> int:
     dataset = build_dataset(args.dataset, args.root, split=args.split, **options)
     for path, pairs in write_splits(args.dataset, dataset.pairs, args.fractions.split(","), args.seeds, args.out):
         print(f"{path}  {len(pairs)} of {len(dataset)} images  hash {split_hash(pairs)}")
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    """Write an image tree once as tar shards (WebDataset layout) for fast pretraining reads."""
+    import time
+
+    from .data.shard_writer import write_shards
+
+    started = time.perf_counter()
+    index = write_shards(args.input, args.output, max_size=args.max_size, per_shard=args.per_shard, quality=args.quality,
+                         workers=args.workers)
+    size = sum(shard["bytes"] for shard in index["shards"])
+    skipped = [pair for shard in index["shards"] for pair in shard["skipped"]]
+    print(f"{args.output}: {len(index['shards'])} shards, {index['samples']} images, {size / 2**30:.2f} GiB "
+          f"({time.perf_counter() - started:.1f} s); pretrain with data.dataset=shards data.root={args.output}")
+    if skipped:
+        shown = "; ".join(reason for _, reason in skipped[:3])
+        print(f"{len(skipped)} unreadable files skipped ({shown}{'; ...' if len(skipped) > 3 else ''}); each shard's "
+              f"are listed in {Path(args.output) / 'index.json'}")
     return 0
 
 
@@ -160,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     splits.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                         help="dataset option, e.g. -o num_classes=5 for a folder dataset")
     splits.set_defaults(run=cmd_splits)
+    from .data.shard_writer import DEFAULT_MAX_SIZE, DEFAULT_PER_SHARD, DEFAULT_QUALITY
+
+    shards = commands.add_parser(
+        "shards", help="write an image tree once as tar shards (WebDataset layout) for pretraining at scale",
+        description="Write every image under --input (the unlabeled dataset's rules) as JPEG members of tar shards in the "
+                    "WebDataset layout, shrunk to a longer side of at most --max-size, with index.json (sample counts). "
+                    "Rerun the same command after a crash: finished shards are kept. Pretrain with data.dataset=shards.")
+    shards.add_argument("--input", required=True, help="the image folder (searched recursively; class folders are fine)")
+    shards.add_argument("--output", required=True, help="the shard folder to write (created; a rerun finishes it)")
+    shards.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
+                        help=f"longer side kept, in pixels (default {DEFAULT_MAX_SIZE}: 224 px pretraining crops at full detail)")
+    shards.add_argument("--per-shard", type=int, default=DEFAULT_PER_SHARD, help=f"images per shard (default {DEFAULT_PER_SHARD})")
+    shards.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help=f"JPEG quality (default {DEFAULT_QUALITY})")
+    shards.add_argument("--workers", type=int, default=None, help="processes writing shards (default: every core)")
+    shards.set_defaults(run=cmd_shards)
     for name, help_text in RUN_COMMANDS.items():
         command = commands.add_parser(name, help=help_text, description=help_text + ". Settings: --config FILE.yaml, then KEY=VALUE overrides (dotted keys, e.g. optim.lr=1e-4).")
         command.add_argument("--config", help="a YAML config file (see configs/)")

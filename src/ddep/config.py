@@ -57,7 +57,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {
         **COMMON, **TRAIN,
         "mode": "decoder",  # decoder (DDeP: frozen encoder) | encoder+decoder (DeP)
-        "data": {**DATA, "dataset": "unlabeled", "crop_size": 224, "min_scale": 0.25, "batch_size": 64},
+        "data": {**DATA, "dataset": "unlabeled", "crop_size": 224, "min_scale": 0.25, "batch_size": 64,
+                 "decode": "cpu"},  # cpu (in the loader's workers) | gpu (shards' JPEGs, on the training device)
         "noise": {"type": "scaled", "std": 0.22, "target": "noise", "level": "fixed", "std_range": [0.2, 0.3],
                   "gamma_min": 0.0, "loss": "l2"},
         "image_every": 500,
@@ -106,6 +107,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "mode": ("decoder", "encoder+decoder"),  # pretraining: DDeP (frozen encoder) or DeP
     "resume": (False, True, "auto"),
     "optim.name": ("adam", "adamw", "sgd"),
+    "data.decode": ("cpu", "gpu"),
 }
 
 

@@ -16,10 +16,11 @@ from ..choices import check_choice, check_options
 from .io import DataError, read_image, read_mask
 from .labeled import ADE20K, Cityscapes, FolderDataset, PascalContext59, SegmentationDataset
 from .transforms import CROP_PRESETS, IGNORE_INDEX
+from .shards import ShardImages
 from .unlabeled import UnlabeledImages
 
 LABELED = {"cityscapes": Cityscapes, "ade20k": ADE20K, "pascal_context": PascalContext59, "folder": FolderDataset}
-DATASETS = (*LABELED, "unlabeled", "demo")
+DATASETS = (*LABELED, "unlabeled", "shards", "demo")
 
 
 def build_dataset(
@@ -38,6 +39,8 @@ def build_dataset(
     - ``unlabeled``: every image under ``root`` (recursive), or with ``source="cityscapes"`` (any
       labeled name) the images of that dataset's ``split``; ``min_size`` enables reduced-size JPEG
       decoding.
+    - ``shards``: the tar shards ``ddep shards`` wrote into ``root`` (an iterable dataset; options
+      ``shuffle_shards``, ``decode``).
     - ``demo``: the built-in synthetic scenes (no root); ``split`` is ``unlabeled``, ``train`` or ``val``.
     """
     check_choice("dataset", name, DATASETS)
@@ -48,6 +51,9 @@ def build_dataset(
         return DemoDataset(split=split, transform=transform, **options)
     if root is None:
         raise DataError(f"dataset {name!r} needs a root folder")
+    if name == "shards":
+        check_options("dataset 'shards'", options, _keywords(ShardImages))
+        return ShardImages(root, transform, **options)
     if name == "unlabeled":
         source = options.pop("source", None)
         unlabeled_keys = _keywords(UnlabeledImages) - {"files"}
@@ -71,5 +77,5 @@ def _keywords(cls: type) -> set[str]:
 
 __all__ = [
     "build_dataset", "DATASETS", "DataError", "SegmentationDataset", "Cityscapes", "ADE20K", "PascalContext59",
-    "FolderDataset", "UnlabeledImages", "read_image", "read_mask", "CROP_PRESETS", "IGNORE_INDEX",
+    "FolderDataset", "UnlabeledImages", "ShardImages", "read_image", "read_mask", "CROP_PRESETS", "IGNORE_INDEX",
 ]

@@ -8,6 +8,7 @@ need a ``palette`` that maps colours to ids. Every failure is a :class:`DataErro
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
@@ -21,9 +22,10 @@ class DataError(ValueError):
     """A file or folder that cannot be used as it is; the message names it."""
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
+def open_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
+    """The image file at ``path``, or the encoded image ``data`` (``path`` then only names it)."""
     try:
-        image = Image.open(path)
+        image = Image.open(path if data is None else io.BytesIO(data))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Image.DecompressionBombError as e:  # far more pixels than any training image needs
@@ -41,21 +43,37 @@ def _load(image: Image.Image, path: str | os.PathLike) -> Image.Image:
     return image
 
 
-def read_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
-    """An RGB image. With ``min_size``, JPEGs are decoded at a reduced scale (``Image.draft``)
-    whose shorter side is still at least ``min_size``: much faster for large photos."""
-    image = open_image(path)
-    if min_size and image.format == "JPEG":
-        image.draft("RGB", (min_size, min_size))
+def fit_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """``(width, height)`` scaled down, keeping the aspect ratio, until the longer side is at most
+    ``max_size`` (never scaled up; sides rounded, at least 1)."""
+    factor = min(1.0, max_size / max(width, height))
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def read_image(path: str | os.PathLike, min_size: int | None = None, max_size: int | None = None,
+               data: bytes | None = None) -> Image.Image:
+    """An RGB image, from the file at ``path`` or from its encoded bytes ``data``.
+
+    With ``min_size``, JPEGs are decoded at a reduced scale (``Image.draft``) whose shorter side is
+    still at least ``min_size``: much faster for large photos. With ``max_size``, the image is
+    shrunk (Lanczos, after the reduced-scale decoding that still holds the result) so that its
+    longer side is at most ``max_size``."""
+    image = open_image(path, data)
+    target = fit_size(*image.size, max_size) if max_size else None
+    if image.format == "JPEG" and (min_size or target):
+        image.draft("RGB", target or (min_size, min_size))
     image = _load(image, path)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         raise DataError(f"{path}: {image.mode} image with more than 8 bits per channel; convert it to 8-bit RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, 0)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image if image.mode == "RGB" else image.convert("RGB")
+        image = Image.new("RGB", rgba.size, 0)
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    if target and image.size != target:
+        image = image.resize(target, Image.LANCZOS)
+    return image
 
 
 def read_mask(path: str | os.PathLike, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:

@@ -147,7 +147,8 @@ class RandomHorizontalFlip:
     def __call__(self, sample: Sample) -> Sample:
         if torch.rand(()).item() >= self.p:
             return sample
-        out = dict(sample, image=sample["image"].transpose(Image.FLIP_LEFT_RIGHT))
+        image = sample["image"]
+        out = dict(sample, image=image.flip(-1) if isinstance(image, torch.Tensor) else image.transpose(Image.FLIP_LEFT_RIGHT))
         if "mask" in sample:
             out["mask"] = sample["mask"].transpose(Image.FLIP_LEFT_RIGHT)
         return out
@@ -242,10 +243,12 @@ class PhotoMetricDistortion:
 
 
 class ToTensor:
-    """PIL image -> float32 3 x H x W in [0, 1]; mask -> int64 H x W."""
+    """PIL image (or uint8 3 x H x W tensor, on any device) -> float32 3 x H x W in [0, 1]; mask -> int64 H x W."""
 
     def __call__(self, sample: Sample) -> Sample:
-        image = torch.from_numpy(np.asarray(sample["image"], dtype=np.uint8).copy()).permute(2, 0, 1)
+        image = sample["image"]
+        if not isinstance(image, torch.Tensor):
+            image = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         out = dict(sample, image=image.float().div_(255))
         if "mask" in sample:
             out["mask"] = torch.from_numpy(np.asarray(sample["mask"]).astype(np.int64))
@@ -282,7 +285,8 @@ class Pad:
 
 
 class RandomResizedCrop:
-    """Image-only random crop of ``scale`` of the area, resized to ``size`` (pretraining views)."""
+    """Image-only random crop of ``scale`` of the area, resized to ``size`` (pretraining views);
+    of a PIL image or of a uint8 tensor on any device, with the same random draws for both."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.25, 1.0)) -> None:
         from torchvision.transforms import RandomResizedCrop as _RandomResizedCrop
@@ -325,5 +329,6 @@ def eval_transforms(mean: Sequence[float], std: Sequence[float]) -> Compose:
 
 def pretrain_transforms(crop_size: int = CROP_PRESETS["pretrain"], scale: tuple[float, float] = (0.25, 1.0)) -> Compose:
     """Denoising pretraining: a random resized crop and a flip, left in [0, 1] and unnormalised,
-    since noise is added in [-1, 1] before the model's normalisation."""
+    since noise is added in [-1, 1] before the model's normalisation. It takes PIL images, or
+    uint8 tensors decoded on the GPU (``data.decode: gpu``), with the same random draws."""
     return Compose([RandomResizedCrop(crop_size, scale), RandomHorizontalFlip(), ToTensor()])

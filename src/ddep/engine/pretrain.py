@@ -38,9 +38,15 @@ def build_pretrain_model(config: dict[str, Any], model: SegmentationModel | None
 def pretrain_data(config: dict[str, Any]):
     """The unlabeled images of ``config``, as random resized crops in [0, 1]."""
     data = config["data"]
+    options = data["options"]
+    if data["dataset"] == "shards":
+        options = {**options, "decode": data["decode"]}
+    elif data["decode"] != "cpu":
+        raise ValueError(f"data.decode={data['decode']} decodes the JPEGs of tar shards: it needs data.dataset=shards "
+                         "(write them with `ddep shards`)")
     return build_dataset(
         data["dataset"], data["root"], data["split"],
-        transform=pretrain_transforms(data["crop_size"], (data["min_scale"], 1.0)), **data["options"],
+        transform=pretrain_transforms(data["crop_size"], (data["min_scale"], 1.0)), **options,
     )
 
 
@@ -62,6 +68,8 @@ def pretrain(config: dict[str, Any], resume: bool | str | None = None, model: Se
     try:
         model = build_pretrain_model(config, model)
         dataset = pretrain_data(config)
+        if config["data"]["decode"] == "gpu" and run.device.type != "cuda":
+            log.warning("data.decode=gpu without a GPU: torchvision decodes the JPEGs in the main process, on the CPU")
         trainer = Trainer(config, model, dataset, run.dir, run.dist, run.device, config["optim"]["lr"], "pretrain", run.resumed)
         for batch in trainer.batches():
             step = denoising_pass(trainer, batch["image"], config["noise"])

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import yaml
 
+from ..atomic import remove_stale_temporaries
 from ..config import RESULT_NEUTRAL_KEYS, save_config
 from ..models.registry import config_options
 from ..models.segmenter import SegmentationModel
@@ -34,25 +35,6 @@ def last_checkpoint(config: dict[str, Any]) -> Path:
 def can_resume(config: dict[str, Any]) -> bool:
     """Whether the run has a checkpoint to resume from (the last one, or the one before it)."""
     return bool(resumable_checkpoints(last_checkpoint(config)))
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete ``.NAME.tmpPID`` files left by processes killed while saving (not a live one's)."""
-    for stale in folder.glob(".*.tmp*"):
-        pid = stale.name.rpartition(".tmp")[2]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_input_size(config: dict[str, Any]) -> None:

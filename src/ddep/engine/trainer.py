@@ -26,16 +26,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.seeds import sample_seed, seeded
+from ..data.shards import ShardImages
 from .checkpoint import checkpoint_path, load_resumable, save_checkpoint
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_objects
 from .preemption import Preempted, StopSignals, ignore_stop_signals, requeue_slurm_job
 
 log = logging.getLogger(__name__)
-MIX = 0x9E3779B97F4A7C15
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * MIX + epoch) * MIX + index) % (2**63 - 1)
 
 
 class StreamSampler(Sampler[int]):
@@ -73,9 +70,22 @@ class SeededItems(Dataset):
 
     def __getitem__(self, code: int) -> dict:
         epoch, index = divmod(code, len(self.dataset))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        with seeded(sample_seed(self.seed, epoch, index)):
             return self.dataset[index]
+
+
+def training_loader(dataset: Dataset, seed: int, batch_size: int, num_workers: int, dist_info: DistInfo, start: int = 0,
+                    pin_memory: bool = False) -> DataLoader:
+    """This process's endless stream of batches, from its ``start``-th on (a resumed run's steps x
+    accumulation): a map-style dataset through :class:`StreamSampler` and :class:`SeededItems`; tar
+    shards (:class:`~ddep.data.shards.ShardImages`) order and seed themselves the same way."""
+    if isinstance(dataset, ShardImages):
+        data, sampler = dataset.stream(seed, dist_info.rank, dist_info.world_size, batch_size, start), None
+    else:
+        data = SeededItems(dataset, seed)
+        sampler = StreamSampler(len(dataset), seed, dist_info.rank, dist_info.world_size, start * batch_size)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      drop_last=True, worker_init_fn=ignore_stop_signals)
 
 
 def build_optimizer(params: list[nn.Parameter], optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
@@ -173,15 +183,9 @@ class Trainer:
         self.extra: dict[str, Any] = {}
         if resume:
             self.load(checkpoint_path(self.run_dir, "last.pt"))
-        self.loader = DataLoader(
-            SeededItems(dataset, config["seed"]),
-            batch_size=self.batch_size,
-            sampler=StreamSampler(len(dataset), config["seed"], dist_info.rank, dist_info.world_size, self.step * self.batch_size * self.accum),
-            num_workers=config["data"]["num_workers"],
-            pin_memory=device.type == "cuda",
-            drop_last=True,
-            worker_init_fn=ignore_stop_signals,
-        )
+        self.dataset = dataset
+        self.loader = training_loader(dataset, config["seed"], self.batch_size, config["data"]["num_workers"], dist_info,
+                                      start=self.step * self.accum, pin_memory=device.type == "cuda")
         self.stop_signals = StopSignals()
         self._saved_at = (self.step, time.monotonic())  # the step and time of the last last.pt
         self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
@@ -209,6 +213,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
 
     def to_device(self, batch: dict) -> dict:
+        if "jpeg" in batch:  # data.decode=gpu: the workers sent JPEG bytes, decoded and augmented on the device
+            batch = self.dataset.decode_batch(batch, self.device)
         moved = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):

@@ -1,0 +1,205 @@
+"""``ddep shards``: an image tree written once as tar shards in the WebDataset layout (:mod:`.shards`).
+
+Files are listed as the ``unlabeled`` dataset lists them and dealt to shards in the order of a hash
+of their paths: every shard is then a random sample of the whole set (a class folder is spread over
+all of them), and the same tree always gives the same shards. Each image is shrunk so that its
+longer side is at most ``max_size``, re-encoded as JPEG and added to its shard; a file that cannot
+be read is skipped and listed in the index with the reason.
+
+Nothing half-written ever carries a final name: a shard is written under a temporary name and
+renamed when complete, and ``index.json`` says ``complete: false`` (with the settings, a hash of the
+listing and the shards finished so far) until the last shard is done. Rerun after a crash, the same
+command keeps the finished shards and writes the rest; a folder written from other files or with
+other settings is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import remove_stale_temporaries, write_atomic, write_text_atomic
+from .io import IMAGE_EXTENSIONS, DataError, read_image
+from .labeled import require_dir
+from .shards import FORMAT, INDEX_FILE, encode_key, shard_name, shard_samples
+from .unlabeled import cached_image_list
+
+log = logging.getLogger(__name__)
+
+#: The longer side a shard keeps. With the pretraining crop's smallest area (a quarter of the image)
+#: a 512 x 384 photo still gives crops of about 222 px across, the 224 px input at full detail, and
+#: ImageNet-1k's typical 500 x 375 photos pass unshrunk (docs/DATA.md).
+DEFAULT_MAX_SIZE = 512
+DEFAULT_PER_SHARD = 1000  # about 50 MB at the defaults: few files, long sequential reads
+DEFAULT_QUALITY = 90  # FFCV's and img2dataset's choice for ImageNet: no visible loss, a third of quality 100's bytes
+SETTINGS = ("max_size", "quality", "per_shard")
+SAVE_PROGRESS_SECONDS = 60.0  # how often the unfinished index records the shards finished so far
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    number: int
+    files: list[str]
+    source: Path
+    output: Path
+    max_size: int
+    quality: int
+
+
+def hashed_order(files: Iterable[str]) -> list[str]:
+    """``files`` in the order of a hash of their paths: random-looking, the same on every machine."""
+    return sorted(files, key=lambda name: hashlib.sha1(name.encode()).digest())
+
+
+def listing_hash(files: list[str]) -> str:
+    return hashlib.sha1("\n".join(files).encode()).hexdigest()
+
+
+def encode_jpeg(path: Path, max_size: int, quality: int) -> bytes:
+    """The image at ``path``, RGB, its longer side at most ``max_size``, as a baseline JPEG."""
+    buffer = io.BytesIO()
+    read_image(path, max_size=max_size).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_shard(task: ShardTask) -> dict[str, Any]:
+    """Write one shard (atomically), or count the samples of one a crashed run finished."""
+    path = task.output / shard_name(task.number)
+    if path.exists():
+        keys = {key for key, _ in shard_samples(path.read_bytes(), path)}
+        skipped = [[name, "unreadable (skipped by an earlier run)"] for name in task.files if encode_key(name) not in keys]
+        return {"file": path.name, "samples": len(keys), "bytes": path.stat().st_size, "skipped": skipped}
+    skipped: list[list[str]] = []
+
+    def write(file) -> None:
+        with tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in task.files:
+                try:
+                    data = encode_jpeg(task.source / name, task.max_size, task.quality)
+                except DataError as e:
+                    skipped.append([name, str(e)])
+                    continue
+                member = tarfile.TarInfo(f"{encode_key(name)}.jpg")  # mtime, owner 0: the same bytes every time
+                member.size, member.mode = len(data), 0o644
+                tar.addfile(member, io.BytesIO(data))
+
+    write_atomic(path, write)
+    return {"file": path.name, "samples": len(task.files) - len(skipped), "bytes": path.stat().st_size, "skipped": skipped}
+
+
+def previous_index(output: Path, settings: dict[str, Any], files: int, listing: str) -> dict[str, Any] | None:
+    """The index of an earlier run into ``output`` with these settings and files, if any; a folder
+    holding shards of other files or settings, or shards without an index, is refused."""
+    path = output / INDEX_FILE
+    if not path.is_file():
+        if any(output.glob("shard-*.tar")):
+            raise DataError(f"{output} holds shard files but no {INDEX_FILE}: not written by `ddep shards`; use an empty --output")
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise DataError(f"{path}: not an index written by `ddep shards`; use an empty --output")
+    differences = [f"{key} {index.get(key)} there, {value} here" for key, value in settings.items() if index.get(key) != value]
+    if index.get("listing_sha1") != listing:
+        differences.append(f"{index.get('files')} files listed there, {files} here" if index.get("files") != files
+                           else "the same number of files but other names")
+    if differences:
+        raise DataError(f"{output} holds shards written from other files or settings ({'; '.join(differences)}): "
+                        "use another --output, or remove that folder")
+    return index
+
+
+def write_shards(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    max_size: int = DEFAULT_MAX_SIZE,
+    per_shard: int = DEFAULT_PER_SHARD,
+    quality: int = DEFAULT_QUALITY,
+    workers: int | None = None,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Write the images under ``source`` as shards into ``output`` (see the module's docstring) and
+    return the finished index. ``workers`` processes (default: every core) write whole shards."""
+    for what, value, least in (("max_size", max_size, 16), ("per_shard", per_shard, 1), ("quality", quality, 1)):
+        if not isinstance(value, int) or value < least or (what == "quality" and value > 100):
+            raise DataError(f"{what} must be an integer {'in 1..100' if what == 'quality' else f'>= {least}'}, got {value!r}")
+    source, output = require_dir(Path(source), "image folder").resolve(), Path(output)
+    files = cached_image_list(source, cache_dir)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+    output.mkdir(parents=True, exist_ok=True)
+    settings = {"max_size": max_size, "quality": quality, "per_shard": per_shard}
+    listing = listing_hash(files)
+    earlier = previous_index(output, settings, len(files), listing) or {}
+    remove_stale_temporaries(output)
+    ordered = hashed_order(files)
+    tasks = [ShardTask(n, ordered[start : start + per_shard], source, output, max_size, quality)
+             for n, start in enumerate(range(0, len(ordered), per_shard))]
+    done = {shard["file"]: shard for shard in earlier.get("shards", [])
+            if (output / shard["file"]).is_file() and (output / shard["file"]).stat().st_size == shard["bytes"]}
+    index = {"format": FORMAT, "version": 1, "complete": False, **settings, "source": str(source), "files": len(files),
+             "listing_sha1": listing, "samples": 0, "skipped": 0, "shards": []}
+
+    def save(complete: bool) -> None:
+        shards = sorted(done.values(), key=lambda shard: shard["file"])
+        index.update(complete=complete, samples=sum(s["samples"] for s in shards), skipped=sum(len(s["skipped"]) for s in shards),
+                     shards=shards)
+        write_text_atomic(output / INDEX_FILE, json.dumps(index, indent=1))
+
+    save(False)
+    todo = [task for task in tasks if shard_name(task.number) not in done]
+    bar = _progress_bar(len(files), len(files) - sum(len(task.files) for task in todo), progress)
+    saved_at = time.monotonic()
+    workers = max(1, min(workers or _cores(), len(todo) or 1))
+    with _pool(workers) as pool:
+        for result in (pool.imap_unordered(write_shard, todo) if pool else map(write_shard, todo)):
+            done[result["file"]] = result
+            bar.update(result["samples"] + len(result["skipped"]))
+            bar.set_postfix(skipped=sum(len(s["skipped"]) for s in done.values()), refresh=False)
+            if time.monotonic() - saved_at > SAVE_PROGRESS_SECONDS:
+                save(False)
+                saved_at = time.monotonic()
+    bar.close()
+    if not sum(shard["samples"] for shard in done.values()):
+        save(False)
+        raise DataError(f"no readable images under {source} ({len(files)} files, none could be read)")
+    save(True)
+    return index
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _NoPool:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _pool(workers: int):
+    """Worker processes (forked where the OS allows: no re-import of torch), or none for one worker."""
+    if workers == 1:
+        return _NoPool()
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="shards", unit="img", dynamic_ncols=True, disable=not enabled)

@@ -1,0 +1,277 @@
+"""Unlabeled images from tar shards in the WebDataset layout, read sequentially at full speed.
+
+Layout (written by ``ddep shards``, :mod:`ddep.data.shard_writer`): ``<root>/index.json`` and
+``<root>/shard-NNNNNN.tar``. Each tar holds one ``<key>.jpg`` member per sample; the key is the
+image's path relative to the source folder with ``%`` and ``.`` percent-encoded
+(``n01440764/n01440764_10026%2EJPEG``; ``urllib.parse.unquote`` gives the path back), so keys are
+unique, stable, and free of the dot at which WebDataset splits a member's name into key and
+extension. The index holds every shard's sample count and size: a run knows its epoch without
+opening a shard.
+
+Order: the shards of epoch e are a permutation seeded by (seed, e); the endless sequence of the
+epochs' shards is dealt round-robin to the (rank, data-loader worker) slots, so that each shard is
+read by exactly one slot per epoch. A slot reads ``shuffle_shards`` of its shards at a time, whole
+and sequentially, and yields their samples in a seeded random order; every sample's augmentation
+is seeded by (seed, epoch, sample index). All of it follows from the index, the seed and the
+numbers of processes and workers, so a resumed run skips the batches already taken without reading
+them and continues exactly where it stopped (docs/DATA.md).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import tarfile
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..choices import check_choice
+from .io import DataError, open_image, read_image
+from .labeled import require_dir
+from .seeds import sample_seed, seeded
+from .transforms import ToTensor, Transform
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+FORMAT = "ddep-shards"
+IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DECODE = ("cpu", "gpu")
+
+
+def encode_key(relative_path: str) -> str:
+    """A sample key for an image path: ``%`` and ``.`` percent-encoded (unique, reversible, no dot)."""
+    return relative_path.replace("%", "%25").replace(".", "%2E")
+
+
+def decode_key(key: str) -> str:
+    return urllib.parse.unquote(key)
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``(key, extension)`` as WebDataset splits a member's name: at the first dot of its base name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def shard_samples(data: bytes, path: str | os.PathLike) -> list[tuple[str, memoryview]]:
+    """``(key, encoded image)`` for each sample of a tar shard held in memory, in the shard's order:
+    the first image member (.jpg .jpeg .png .webp) of each key; other members are ignored."""
+    view, samples, seen = memoryview(data), [], set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                key, extension = split_member_name(member.name)
+                if member.isfile() and extension in IMAGE_MEMBER_EXTENSIONS and key not in seen:
+                    seen.add(key)
+                    samples.append((key, view[member.offset_data : member.offset_data + member.size]))
+    except tarfile.TarError as e:
+        raise DataError(f"{path}: not a readable tar shard ({e})") from None
+    return samples
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """The finished index of a shard folder; a missing, foreign or unfinished one is a one-line error."""
+    path = root / INDEX_FILE
+    if not path.is_file():
+        raise DataError(f"{root}: no {INDEX_FILE}; write shards there with `ddep shards --input IMAGES --output {root}`")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise DataError(f"{path}: not an index written by `ddep shards` (format {FORMAT!r} expected)")
+    if not index.get("complete"):
+        raise DataError(f"{path}: the shards are not finished; run the same `ddep shards` command again to finish them")
+    return index
+
+
+class ShardImages(IterableDataset):
+    """The samples of a shard folder; items ``{"image", "name"}`` (``name``: the source path).
+
+    ``shuffle_shards``: how many shards a data-loader worker holds in memory and shuffles together
+    (each shard is a random sample of the whole set already: ``ddep shards`` deals files to shards
+    in a hashed order). ``decode="gpu"``: workers hand over the JPEG bytes and a seed, and
+    :meth:`decode_batch` decodes and augments them on the training device.
+
+    Iterated directly or in a user's DataLoader it reads one endless stream with seed 0, split over
+    the ``torch.distributed`` ranks and the loader's workers; :meth:`stream` sets the seed, the
+    process and the resume point, as the Trainer does.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Transform | None = None, shuffle_shards: int = 2,
+                 decode: str = "cpu") -> None:
+        self.root = require_dir(Path(root), "shard folder")
+        check_choice("data.decode", decode, DECODE)
+        if not isinstance(shuffle_shards, int) or shuffle_shards < 1:
+            raise DataError(f"shuffle_shards must be an integer >= 1, got {shuffle_shards!r}")
+        index = read_index(self.root)
+        self.shards: list[str] = []
+        self.counts: list[int] = []
+        for shard in index["shards"]:
+            path = self.root / shard["file"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise DataError(f"{path}: listed in {self.root / INDEX_FILE} but missing") from None
+            if size != shard["bytes"]:
+                raise DataError(f"{path}: {size} bytes, but {INDEX_FILE} says {shard['bytes']} (a partial copy?)")
+            if shard["samples"]:
+                self.shards.append(shard["file"])
+                self.counts.append(shard["samples"])
+        if not self.shards:
+            raise DataError(f"{self.root}: the shards hold no images")
+        self.offsets = [sum(self.counts[:i]) for i in range(len(self.counts))]
+        self.transform = transform or ToTensor()
+        self.shuffle_shards, self.decode = shuffle_shards, decode
+        self.seed, self.rank, self.world_size, self.batch_size, self.start = 0, None, None, 1, 0
+        self.unreadable: set[str] = set()  # samples found unreadable (in this process), never decoded again
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct samples were found unreadable so far (in this process)."""
+        return len(self.unreadable)
+
+    def stream(self, seed: int, rank: int, world_size: int, batch_size: int, start: int = 0) -> ShardImages:
+        """This dataset as process ``rank`` of ``world_size`` reads it, in batches of ``batch_size``,
+        from the ``start``-th batch of that process on (a resumed run's: steps x accumulation)."""
+        positioned = copy.copy(self)
+        positioned.seed, positioned.rank, positioned.world_size = seed, rank, world_size
+        positioned.batch_size, positioned.start = batch_size, start
+        positioned.unreadable, positioned._orders = set(), {}
+        return positioned
+
+    # ----- the order: a function of the index, the seed and the slots
+    def shard_at(self, t: int) -> int:
+        """The shard read at position ``t`` of the endless sequence: epoch ``t // S``'s permutation."""
+        epoch, position = divmod(t, len(self.shards))
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -3))
+            self._orders = {epoch: torch.randperm(len(self.shards), generator=generator).tolist()}
+        return self._orders[epoch][position]
+
+    def blocks(self, slot: int, slots: int) -> Iterator[list[tuple[int, int]]]:
+        """Endless ``[(t, shard), ...]`` groups that ``slot`` of ``slots`` reads: positions ``slot``,
+        ``slot + slots``, ... of the sequence, ``shuffle_shards`` at a time within one epoch."""
+        t, block = slot, []
+        while True:
+            if block and (len(block) == self.shuffle_shards or t // len(self.shards) != block[0][0] // len(self.shards)):
+                yield block
+                block = []
+            block.append((t, self.shard_at(t)))
+            t += slots
+
+    def _slot(self) -> tuple[int, int, int]:
+        """This reader's slot, the number of slots, and how many of its samples a resumed run has taken.
+
+        The DataLoader takes batch i from worker i % W; a loader restarted after ``start`` batches
+        takes its batch j, the uninterrupted run's batch start + j, from its worker j % W, which
+        therefore plays worker (j + start) % W."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        rank, world_size = self.rank, self.world_size
+        if rank is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        role = (worker + self.start) % workers
+        taken = (self.start - role + workers - 1) // workers  # batches i < start with i % workers == role
+        return rank * workers + role, world_size * workers, taken * self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots, skip = self._slot()
+        for block in self.blocks(slot, slots):
+            size = sum(self.counts[shard] for _, shard in block)
+            if skip >= size:  # taken before a resume: not even read
+                skip -= size
+                continue
+            samples = [(t, shard, i, key, data) for t, shard in block for i, (key, data) in enumerate(self._read(shard))]
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, block[0][0], -2))
+            order = [samples[i] for i in torch.randperm(size, generator=generator).tolist()]
+            for position in range(skip, size):
+                yield self._item(order, position)
+            skip = 0
+
+    def _read(self, shard: int) -> list[tuple[str, memoryview]]:
+        path = self.root / self.shards[shard]
+        samples = shard_samples(path.read_bytes(), path)
+        if len(samples) != self.counts[shard]:
+            raise DataError(f"{path}: {len(samples)} images, but {INDEX_FILE} says {self.counts[shard]}")
+        return samples
+
+    # ----- one sample
+    def _item(self, order: Sequence[tuple], position: int) -> dict:
+        """The sample at ``position`` of a block's order, seeded by its (epoch, index); when it cannot
+        be decoded, the next readable one in that order takes its place (as for folders)."""
+        t, shard, i, _, _ = order[position]
+        seed = sample_seed(self.seed, t // len(self.shards), self.offsets[shard] + i)
+        for attempt in range(len(order)):
+            key, data = order[(position + attempt) % len(order)][3:]
+            name = decode_key(key)
+            if name in self.unreadable:
+                continue
+            try:
+                if self.decode == "gpu":  # the header only: the device decodes
+                    open_image(name, bytes(data))
+                    return {"jpeg": bytes(data), "seed": seed, "name": name}
+                image = read_image(name, data=bytes(data))
+            except DataError as e:
+                self.unreadable.add(name)
+                log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped, e)
+                continue
+            with seeded(seed):
+                return self.transform({"image": image, "name": name})
+        raise DataError(f"{self.root}: no readable image in shards {sorted({self.shards[s[1]] for s in order})}")
+
+    def decode_batch(self, batch: dict, device: torch.device) -> dict:
+        """``decode="gpu"``: a batch's JPEG bytes decoded on ``device`` (nvJPEG on a GPU, libjpeg-turbo
+        on a CPU) and augmented there with each sample's seed, as a worker would have on the CPU."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in batch["jpeg"]]
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a damaged or non-JPEG sample: one by one, substituting what fails
+            images = self._decode_each(encoded, batch["name"], device)
+        out = []
+        for image, seed in zip(images, batch["seed"].tolist()):
+            with seeded(seed):
+                out.append(self.transform({"image": image})["image"])
+        return {"image": torch.stack(out), "name": batch["name"]}
+
+    def _decode_each(self, encoded: list[torch.Tensor], names: list[str], device: torch.device) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        images: list[torch.Tensor | None] = []
+        for data, name in zip(encoded, names):
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                try:  # PNG or WebP from shards written elsewhere
+                    pil = read_image(name, data=data.numpy().tobytes())
+                    images.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).to(device))
+                except DataError as e:
+                    self.unreadable.add(name)
+                    log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped, e)
+                    images.append(None)
+        if all(image is None for image in images):
+            raise DataError(f"{self.root}: no readable image in a batch of {len(names)} ({names[0]}, ...)")
+        # an unreadable sample takes the next readable image of the batch (cyclically), as on the CPU
+        return [image if image is not None else next(x for x in images[i:] + images[:i] if x is not None)
+                for i, image in enumerate(images)]

@@ -1,0 +1,303 @@
+"""Tar shards: the writer (layout, index, resize bound, bad files, crash and rerun), the reader
+(every sample once per epoch over ranks x workers, seeded order, exact resume, bad samples, GPU
+decoding) and pretraining from shards through the command line."""
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+import fake_data
+from fake_data import PRETRAIN, interrupt_after
+from ddep.cli import main
+from ddep.data import DataError, build_dataset
+from ddep.data import shard_writer
+from ddep.data.io import fit_size
+from ddep.data.shard_writer import hashed_order, write_shards
+from ddep.data.shards import ShardImages, read_index, split_member_name
+from ddep.data.transforms import pretrain_transforms
+from ddep.engine.checkpoint import load_checkpoint
+from ddep.engine.distributed import DistInfo
+from ddep.engine.trainer import training_loader
+
+# (class folder, name, (height, width)): larger and smaller than the 48 px bound, odd names
+PHOTOS = [("n01", f"n01_{i}.JPEG", (30 + 9 * i, 90 - 7 * i)) for i in range(6)] + \
+         [("n02", f"n02_{i}.jpg", (64, 20 + 6 * i)) for i in range(5)] + \
+         [("n02", "two.dots.png", (20, 30)), ("n02", "100%.webp", (50, 50))]
+
+
+def photo_tree(root: Path) -> Path:
+    for i, (folder, name, size) in enumerate(PHOTOS):
+        fake_data.save(fake_data.rgb(i, size=size), root / folder / name)
+    (root / "n01" / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "n02" / "notes.txt").write_text("not an image")
+    return root
+
+
+def members(tar_path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(tar_path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+@pytest.fixture
+def shards_of_photos(tmp_path):
+    source = photo_tree(tmp_path / "photos")
+    out = tmp_path / "shards"
+    write_shards(source, out, max_size=48, per_shard=4, workers=1, progress=False, cache_dir=tmp_path / "cache")
+    return source, out
+
+
+def test_the_writer_makes_webdataset_shards_with_an_index_bounded_sizes_and_bad_files_skipped(shards_of_photos):
+    source, out = shards_of_photos
+    index = read_index(out)
+    readable = sorted(f"{folder}/{name}" for folder, name, _ in PHOTOS)
+    assert index["complete"] and index["files"] == len(readable) + 1 and index["samples"] == len(readable)
+    assert index["skipped"] == 1 and sum(len(s["skipped"]) for s in index["shards"]) == 1
+    ((name, reason),) = [pair for s in index["shards"] for pair in s["skipped"]]
+    assert name == "n01/broken.jpg" and "broken.jpg: not a readable image" in reason
+    assert [s["file"] for s in index["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
+    # files are dealt to shards in the hashed order of their paths, 4 per shard, the bad one left out
+    dealt = [n for n in hashed_order([*readable, "n01/broken.jpg"]) if n != "n01/broken.jpg"]
+    seen = []
+    for shard in index["shards"]:
+        content = members(out / shard["file"])
+        assert len(content) == shard["samples"] and (out / shard["file"]).stat().st_size == shard["bytes"]
+        for member_name, data in content:
+            key, extension = split_member_name(member_name)
+            assert extension == "jpg" and member_name == f"{key}.jpg" and "." not in key
+            path = urllib.parse.unquote(key)
+            seen.append(path)
+            image = Image.open(io.BytesIO(data))
+            assert image.format == "JPEG" and image.mode == "RGB"
+            height, width = next(size for folder, n, size in PHOTOS if f"{folder}/{n}" == path)
+            assert image.size == fit_size(width, height, 48) and max(image.size) <= 48  # aspect kept, never enlarged
+    assert seen == dealt
+    assert fit_size(90, 30, 48) == (48, 16) and fit_size(30, 20, 48) == (30, 20)
+
+
+def test_a_rerun_after_a_crash_keeps_finished_shards_and_writes_the_same_bytes(tmp_path, monkeypatch):
+    source = photo_tree(tmp_path / "photos")
+    settings = dict(max_size=48, per_shard=4, workers=1, progress=False, cache_dir=tmp_path / "cache")
+    write_shards(source, tmp_path / "reference", **settings)
+
+    calls = []
+    real = shard_writer.encode_jpeg
+
+    def crash_in_the_second_shard(*args):
+        calls.append(args[0])
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the process dies while shard 1 is half written
+        return real(*args)
+
+    monkeypatch.setattr(shard_writer, "SAVE_PROGRESS_SECONDS", 0.0)  # the index records each finished shard
+    monkeypatch.setattr(shard_writer, "encode_jpeg", crash_in_the_second_shard)
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(source, out, **settings)
+    finished = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert finished == ["shard-000000.tar"]  # the half-written one never carries its final name
+    assert [p.name for p in out.glob(".shard-000001.tar.tmp*")]
+    with pytest.raises(DataError, match="the shards are not finished; run the same `ddep shards` command again"):
+        ShardImages(out)
+
+    calls.clear()
+    monkeypatch.setattr(shard_writer, "encode_jpeg", lambda *args: calls.append(args[0]) or real(*args))
+    index = write_shards(source, out, **settings)
+    assert len(calls) == 14 - 4  # shard 0 was kept, not even read again
+    for shard in index["shards"]:
+        assert (out / shard["file"]).read_bytes() == (tmp_path / "reference" / shard["file"]).read_bytes()
+    assert index == read_index(tmp_path / "reference")
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", *(s["file"] for s in index["shards"])]
+
+    calls.clear()
+    write_shards(source, out, **settings)  # finished: nothing to do
+    assert calls == []
+
+
+def test_a_folder_of_other_settings_files_or_origin_is_refused(shards_of_photos, tmp_path):
+    source, out = shards_of_photos
+    with pytest.raises(DataError, match=r"holds shards written from other files or settings \(max_size 48 there, 32 here\)"):
+        write_shards(source, out, max_size=32, per_shard=4, workers=1, progress=False, cache_dir=tmp_path / "cache")
+    fake_data.save(fake_data.rgb(99), source / "n01" / "new.png")
+    with pytest.raises(DataError, match="14 files listed there, 15 here"):
+        write_shards(source, out, max_size=48, per_shard=4, workers=1, progress=False, cache_dir=tmp_path / "cache")
+    (out / "index.json").unlink()
+    with pytest.raises(DataError, match="holds shard files but no index.json"):
+        write_shards(source, out, max_size=48, per_shard=4, workers=1, progress=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="max_size must be an integer >= 16, got 0"):
+        write_shards(source, tmp_path / "new", max_size=0)
+
+
+@pytest.fixture
+def even_shards(tmp_path):
+    """8 shards of 3 images: 2 ranks x 2 workers read 2 shards each per epoch."""
+    for i in range(24):
+        fake_data.save(fake_data.rgb(i, size=(40, 40)), tmp_path / "photos" / f"{i:02d}.png")
+    write_shards(tmp_path / "photos", tmp_path / "shards", max_size=48, per_shard=3, workers=2, progress=False,
+                 cache_dir=tmp_path / "cache")
+    return tmp_path / "shards"
+
+
+@pytest.mark.parametrize("slots, per_block", [(1, 1), (3, 2), (4, 3), (11, 2)])
+def test_each_epoch_deals_every_shard_to_exactly_one_slot(even_shards, slots, per_block):
+    dataset = ShardImages(even_shards, shuffle_shards=per_block).stream(seed=5, rank=0, world_size=1, batch_size=1)
+    read = {epoch: [] for epoch in range(4)}
+    for slot in range(slots):
+        blocks = dataset.blocks(slot, slots)
+        for block in iter(lambda: next(blocks), None):
+            epochs = {t // 8 for t, _ in block}
+            assert len(epochs) == 1 and len(block) <= per_block  # a block never spans two epochs
+            if epochs.pop() >= 4:
+                break
+            for t, shard in block:
+                read[t // 8].append(shard)
+    for epoch, shards in read.items():
+        assert sorted(shards) == list(range(8)), epoch
+    orders = [[dataset.shard_at(t) for t in range(8 * e, 8 * e + 8)] for e in range(3)]
+    assert len({tuple(o) for o in orders}) == 3  # a new permutation every epoch
+    other = ShardImages(even_shards).stream(seed=6, rank=0, world_size=1, batch_size=1)
+    assert [other.shard_at(t) for t in range(8)] != orders[0]
+
+
+def names_of(loader, batches: int) -> list[list[str]]:
+    stream = iter(loader)
+    return [next(stream)["name"] for _ in range(batches)]
+
+
+def test_two_ranks_with_two_workers_read_each_sample_once_per_epoch(even_shards):
+    dataset = ShardImages(even_shards, pretrain_transforms(32))
+    everything = sorted(f"{i:02d}.png" for i in range(24))
+    per_rank = [names_of(training_loader(dataset, 3, 3, 2, DistInfo(rank, 2)), batches=8) for rank in (0, 1)]
+    epochs = [[n for rank in per_rank for batch in rank[4 * e : 4 * e + 4] for n in batch] for e in (0, 1)]
+    for epoch in epochs:
+        assert sorted(epoch) == everything  # disjoint over ranks, and together the whole set
+    assert epochs[0] != epochs[1]
+    again = names_of(training_loader(dataset, 3, 3, 2, DistInfo(0, 2)), batches=8)
+    assert again == per_rank[0]  # the order follows from the seed
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_started_after_n_batches_continues_exactly(even_shards, workers):
+    dataset = ShardImages(even_shards, pretrain_transforms(32), shuffle_shards=2)
+    stream = iter(training_loader(dataset, 0, 2, workers, DistInfo()))
+    straight = [next(stream) for _ in range(17)]
+    resumed_stream = iter(training_loader(dataset, 0, 2, workers, DistInfo(), start=11))
+    resumed = [next(resumed_stream) for _ in range(6)]
+    for a, b in zip(straight[11:], resumed):
+        assert a["name"] == b["name"] and torch.equal(a["image"], b["image"])
+
+
+def hand_made_shards(root: Path) -> Path:
+    """One shard as another tool might write it: class labels beside the images, a PNG, a damaged JPEG."""
+    root.mkdir()
+    good = [io.BytesIO() for _ in range(3)]
+    for i, buffer in enumerate(good):
+        fake_data.rgb(i).save(buffer, format="PNG" if i == 2 else "JPEG")
+    content = [("a.jpg", good[0].getvalue()), ("a.cls", b"3"), ("b.jpg", b"\xff\xd8 damaged"), ("c.jpg", good[1].getvalue()),
+               ("d.png", good[2].getvalue())]
+    with tarfile.open(root / "shard-000000.tar", "w") as tar:
+        for name, data in content:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    size = (root / "shard-000000.tar").stat().st_size
+    (root / "index.json").write_text(json.dumps({"format": "ddep-shards", "complete": True,
+                                                 "shards": [{"file": "shard-000000.tar", "samples": 4, "bytes": size}]}))
+    return root
+
+
+def test_an_unreadable_sample_is_replaced_by_the_next_readable_one_and_counted(tmp_path, caplog):
+    dataset = ShardImages(hand_made_shards(tmp_path / "shards"), pretrain_transforms(16), shuffle_shards=1)
+    stream = iter(dataset)
+    with caplog.at_level(logging.WARNING):
+        epoch = [next(stream)["name"] for _ in range(4)]
+    assert "b" not in epoch and sorted(set(epoch)) == ["a", "c", "d"] and len(epoch) == 4  # positions kept
+    assert dataset.skipped == 1 and "skipping unreadable image (1 skipped so far): b: not a readable image" in caplog.text
+
+
+def test_decoding_on_the_device_gives_the_workers_images(even_shards):
+    on_cpu = ShardImages(even_shards, pretrain_transforms(32)).stream(7, 0, 1, batch_size=1)
+    on_device = ShardImages(even_shards, pretrain_transforms(32), decode="gpu").stream(7, 0, 1, batch_size=1)
+    expected = [item for _, item in zip(range(10), on_cpu)]
+    sent = [item for _, item in zip(range(10), on_device)]
+    assert set(sent[0]) == {"jpeg", "seed", "name"} and isinstance(sent[0]["jpeg"], bytes)
+    batch = on_device.decode_batch(default_collate(sent), torch.device("cpu"))  # torchvision's decode_jpeg on the CPU
+    assert batch["name"] == [item["name"] for item in expected]
+    images = torch.stack([item["image"] for item in expected])
+    assert batch["image"].shape == images.shape == (10, 3, 32, 32)
+    difference = (batch["image"] - images).abs() * 255  # the same pixels decoded; resizing rounds apart by 1 at most
+    assert difference.max() <= 1 + 1e-4 and difference.mean() < 0.3
+
+
+def test_pretraining_from_shards_through_the_cli_resumes_exactly(data, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(Path("cache").absolute()))
+    assert main(["shards", "--input", "data/images", "--output", "shards", "--max-size", "48", "--per-shard", "3", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "shards: 4 shards, 11 images" in printed and "data.dataset=shards data.root=shards" in printed
+    args = [*PRETRAIN, "data.dataset=shards", "data.root=shards", "data.num_workers=2", "data.batch_size=2", "checkpoint_every=3"]
+    assert main(["pretrain", *args, "name=straight"]) == 0
+    interrupt_after(monkeypatch, "pretrain", [*args, "name=interrupted"], step=3)  # after 3 batches the workers' turns rotate
+    assert load_checkpoint("runs/interrupted/checkpoints/last.pt")["step"] == 3
+    assert main(["pretrain", *args, "name=interrupted", "--resume"]) == 0
+    straight, resumed = (load_checkpoint(f"runs/{name}/checkpoints/last.pt")["model"] for name in ("straight", "interrupted"))
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert main(["pretrain", "--dry-run", *args, "epochs=2", "steps=null"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_images"] == 11
+    assert main(["pretrain", *args, "data.decode=gpu", "steps=1", "name=device-decoding"]) == 0
+    assert load_checkpoint("runs/device-decoding/checkpoints/last.pt")["step"] == 1
+
+
+def test_shard_folder_problems_are_one_line_errors(shards_of_photos, data, capsys):
+    source, out = shards_of_photos
+    with pytest.raises(DataError, match="no index.json; write shards there with `ddep shards --input IMAGES --output"):
+        build_dataset("shards", source)
+    shard = out / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1024])
+    with pytest.raises(DataError, match=r"shard-000001.tar: 1024 bytes, but index.json says \d+ \(a partial copy\?\)"):
+        build_dataset("shards", out)
+    shard.unlink()
+    with pytest.raises(DataError, match="shard-000001.tar: listed in .*index.json but missing"):
+        build_dataset("shards", out)
+    assert main(["pretrain", "data.root=data/images", *PRETRAIN, "data.decode=gpu"]) == 1
+    assert "data.decode=gpu decodes the JPEGs of tar shards: it needs data.dataset=shards" in capsys.readouterr().err
+    Path("empty").mkdir()
+    assert main(["shards", "--input", "empty", "--output", "out"]) == 1
+    assert "ddep shards: error: no images (.jpg, .jpeg, .png, .webp, .bmp) found under" in capsys.readouterr().err
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from ddep.data.shards import ShardImages
+from ddep.engine.distributed import gather_objects, init_distributed, shutdown
+from ddep.engine.trainer import training_loader
+info = init_distributed("cpu")
+stream = iter(training_loader(ShardImages(sys.argv[1]), seed=1, batch_size=3, num_workers=2, dist_info=info))
+names = gather_objects([n for _ in range(4) for n in next(stream)["name"]], info)
+del stream  # the workers ignore SIGTERM (preemption.py): let the loader stop them before the interpreter exits
+if info.is_main:
+    open(sys.argv[2], "w").write(json.dumps(names))
+shutdown(info)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_read_disjoint_samples_that_make_the_epoch(even_shards, tmp_path):
+    script = tmp_path / "read.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(script),
+                           str(even_shards), str(tmp_path / "names.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = json.loads((tmp_path / "names.json").read_text())
+    assert len(rank0) == len(rank1) == 12 and not set(rank0) & set(rank1)
+    assert sorted(rank0 + rank1) == sorted(f"{i:02d}.png" for i in range(24))
