@@ -13,8 +13,9 @@ For UNet-R50 and TransUNet (R50+ViT-B/16) at 224x224, from the shipped recipes:
   (``torch.utils.flop_counter``) and, on GPU, the MFU against a measured bf16 matmul ceiling;
 - the fine-tuning step and evaluation (whole, slide, flip + the paper's six scales), ours;
 - the data pipeline alone: decoded and augmented images/s of DataLoader workers on generated
-  JPEGs of ImageNet-like sizes, with and without reduced-size decoding (``min_size``), and from
-  the same photos resized offline.
+  JPEGs of ImageNet-like sizes, with and without reduced-size decoding (``min_size``), from the
+  same photos resized offline, and from the tar shards ``ddep shards`` writes of them (decoded by
+  the workers, or on the device: ``data.decode=gpu``); and the writer's own images/s.
 
 Usage: ``make bench`` (CPU, about 4 minutes on 2 cores), ``benchmarks/gpu.sh`` on a GPU, or
 ``python benchmarks/bench.py --help``. Prints a table and writes ``bench.json``.
@@ -47,10 +48,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddep.atomic import write_text_atomic
 from ddep.config import load_config
+from ddep.data.shard_writer import write_shards
+from ddep.data.shards import ShardImages
 from ddep.data.transforms import pretrain_transforms
 from ddep.data.unlabeled import UnlabeledImages
 from ddep.engine.distributed import DistInfo
 from ddep.engine.finetune import build_finetune_model, segmentation_loss
+from ddep.engine.preemption import ignore_stop_signals
 from ddep.engine.pretrain import build_pretrain_model, denoising_pass
 from ddep.engine.run import configure_kernels
 from ddep.engine.trainer import Trainer
@@ -260,18 +264,38 @@ def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size
     return result
 
 
-def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: int, size: int) -> float:
-    """Images/s of ``workers`` DataLoader workers: JPEG decoding, the pretraining augmentation
-    (random resized crop to ``size``, flip), collation; the photos are read again as needed."""
-    dataset = UnlabeledImages(folder, transform=pretrain_transforms(size, (0.25, 1.0)), min_size=min_size, cache_dir=folder / ".cache")
-    batch = 4  # small batches, one in flight per worker: little work done before the clock starts
-    sampler = [i % len(dataset) for i in range(workers * (per_worker + batch))]
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, sampler=sampler, prefetch_factor=1))
-    for _ in range(workers):  # every worker has started and made its first batch
-        next(batches)
+def loader_rate(data: torch.utils.data.Dataset, sampler: list[int] | None, workers: int, per_worker: int,
+                finish: Callable[[dict], dict] = lambda batch: batch, device: torch.device = torch.device("cpu")) -> float:
+    """Images/s of ``workers`` DataLoader workers over ``data``, with ``finish`` run on each batch in
+    this process (decoding on the device). Batches of 4, one in flight per worker: little work is
+    done before the clock starts, which it does once every worker has made its first batch."""
+    batch = 4
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, sampler=sampler, prefetch_factor=1,
+                                         drop_last=True, worker_init_fn=ignore_stop_signals)
+    batches = iter(loader)
+    for _ in range(workers):
+        finish(next(batches))
+    sync(device)
     start = time.perf_counter()
-    count = sum(len(b["image"]) for b in batches)
+    count = sum(len(finish(next(batches))["image"]) for _ in range(workers * per_worker // batch))
+    sync(device)
     return count / (time.perf_counter() - start)
+
+
+def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: int, size: int) -> float:
+    """Images/s of ``workers`` DataLoader workers reading a folder: JPEG decoding, the pretraining
+    augmentation (random resized crop to ``size``, flip), collation; the photos are read again as needed."""
+    dataset = UnlabeledImages(folder, transform=pretrain_transforms(size, (0.25, 1.0)), min_size=min_size, cache_dir=folder / ".cache")
+    return loader_rate(dataset, [i % len(dataset) for i in range(workers * (per_worker + 4))], workers, per_worker)
+
+
+def measure_shards(folder: Path, workers: int, per_worker: int, size: int, decode: str = "cpu",
+                   device: torch.device = torch.device("cpu")) -> float:
+    """The same from tar shards, as ``ddep pretrain`` reads them; ``decode="gpu"``: the workers hand
+    over JPEG bytes, decoded and augmented on ``device`` in this process."""
+    dataset = ShardImages(folder, pretrain_transforms(size, (0.25, 1.0)), decode=decode)
+    finish = (lambda batch: dataset.decode_batch(batch, device)) if decode == "gpu" else (lambda batch: batch)
+    return loader_rate(dataset.stream(0, 0, 1, batch_size=4), None, workers, per_worker, finish, device)
 
 
 def make_photos(folder: Path, count: int, short_side: int | None = None) -> None:
@@ -350,15 +374,21 @@ def run_all(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) ->
         result["models"][model_key] = row
         save(result)
     with tempfile.TemporaryDirectory() as folder:
-        photos, resized = Path(folder) / "photos", Path(folder) / "resized"
+        photos, resized, shards = Path(folder) / "photos", Path(folder) / "resized", Path(folder) / "shards"
         make_photos(photos, len(PHOTO_SIZES) * 4)
         make_photos(resized, len(PHOTO_SIZES) * 4, short_side=2 * args.size)
-        result["data"] = {"photo_sizes": PHOTO_SIZES, "reduced_min_size": 2 * args.size, "resized_short_side": 2 * args.size, "img_s": {}}
+        started = time.perf_counter()
+        written = write_shards(photos, shards, per_shard=4, progress=False, cache_dir=Path(folder) / "cache")
+        result["data"] = {"photo_sizes": PHOTO_SIZES, "reduced_min_size": 2 * args.size, "resized_short_side": 2 * args.size,
+                          "shard_max_size": written["max_size"], "shards_write_processes": min(len(os.sched_getaffinity(0)), len(written["shards"])),
+                          "shards_write_img_s": written["samples"] / (time.perf_counter() - started), "img_s": {}}
         for workers in args.data_workers:
             result["data"]["img_s"][str(workers)] = {
                 "full_decode": measure_data(photos, None, workers, args.photos, args.size),
                 "reduced_decode": measure_data(photos, 2 * args.size, workers, args.photos, args.size),
                 "resized_offline": measure_data(resized, None, workers, args.photos, args.size),
+                "shards": measure_shards(shards, workers, args.photos, args.size),
+                "shards_device_decode": measure_shards(shards, workers, args.photos, args.size, "gpu", device),
             }
     return result
 
@@ -385,7 +415,12 @@ def table(result: dict[str, Any]) -> str:
     for workers, rates in data["img_s"].items():
         lines.append(f"\ndata pipeline, {workers} worker(s): {rates['full_decode']:.0f} img/s decoding whole JPEGs, "
                      f"{rates['reduced_decode']:.0f} img/s with min_size={data['reduced_min_size']}, "
-                     f"{rates['resized_offline']:.0f} img/s from photos resized offline to a {data['resized_short_side']} px shorter side")
+                     f"{rates['resized_offline']:.0f} img/s from photos resized offline to a {data['resized_short_side']} px shorter side, "
+                     f"{rates['shards']:.0f} img/s from shards (longer side {data['shard_max_size']}; "
+                     f"{rates['shards'] / rates['full_decode']:.1f}x whole JPEGs), "
+                     f"{rates['shards_device_decode']:.0f} img/s from shards decoded on the {result['machine']['device']} (data.decode=gpu)")
+    lines.append(f"ddep shards: {data['shards_write_img_s']:.0f} img/s with {data['shards_write_processes']} processes "
+                 f"({1e6 / data['shards_write_img_s'] / 3600:.1f} h per million of these photos)")
     if result["matmul_bf16_tflops"]:
         lines.append(f"bf16 matmul ceiling: {result['matmul_bf16_tflops']:.0f} TFLOP/s")
     return "\n".join(lines)
@@ -415,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="also measure ours with grad_checkpointing=true")
     parser.add_argument("--eval-size", type=counting(32), default=128, help="evaluation image: this x twice this (a multiple of 16)")
     parser.add_argument("--photos", type=counting(1), default=48, help="images each data worker loads while timed")
-    parser.add_argument("--data-workers", type=counting(1), nargs="+", default=[1], help="DataLoader worker counts to time")
+    parser.add_argument("--data-workers", type=counting(1), nargs="+", default=[1, 2], help="DataLoader worker counts to time")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():

@@ -22,7 +22,7 @@ from ddep.cli import main
 from ddep.data import DataError, build_dataset
 from ddep.data import shard_writer
 from ddep.data.io import fit_size
-from ddep.data.shard_writer import hashed_order, write_shards
+from ddep.data.shard_writer import hashed_order, index_shards, write_shards
 from ddep.data.shards import ShardImages, read_index, split_member_name
 from ddep.data.transforms import pretrain_transforms
 from ddep.engine.checkpoint import load_checkpoint
@@ -196,27 +196,42 @@ def test_a_stream_started_after_n_batches_continues_exactly(even_shards, workers
         assert a["name"] == b["name"] and torch.equal(a["image"], b["image"])
 
 
-def hand_made_shards(root: Path) -> Path:
-    """One shard as another tool might write it: class labels beside the images, a PNG, a damaged JPEG."""
+def shards_from_elsewhere(root: Path) -> Path:
+    """A shard as another tool writes one (timm's ImageNet shards hold .jpg and .cls members): here
+    with a PNG and a damaged JPEG, and no index."""
     root.mkdir()
     good = [io.BytesIO() for _ in range(3)]
     for i, buffer in enumerate(good):
         fake_data.rgb(i).save(buffer, format="PNG" if i == 2 else "JPEG")
     content = [("a.jpg", good[0].getvalue()), ("a.cls", b"3"), ("b.jpg", b"\xff\xd8 damaged"), ("c.jpg", good[1].getvalue()),
-               ("d.png", good[2].getvalue())]
-    with tarfile.open(root / "shard-000000.tar", "w") as tar:
+               ("d.png", good[2].getvalue()), ("e.cls", b"1")]
+    with tarfile.open(root / "imagenet-train-0000.tar", "w") as tar:
         for name, data in content:
             member = tarfile.TarInfo(name)
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-    size = (root / "shard-000000.tar").stat().st_size
-    (root / "index.json").write_text(json.dumps({"format": "ddep-shards", "complete": True,
-                                                 "shards": [{"file": "shard-000000.tar", "samples": 4, "bytes": size}]}))
     return root
 
 
+def test_shards_written_elsewhere_get_an_index_and_are_read(tmp_path, capsys):
+    root = shards_from_elsewhere(tmp_path / "wds")
+    with pytest.raises(DataError, match="no index.json"):
+        ShardImages(root)
+    assert main(["shards", "--index", str(root)]) == 0
+    assert "wds: 1 shards, 4 images" in capsys.readouterr().out
+    index = read_index(root)
+    assert index["shards"] == [{"file": "imagenet-train-0000.tar", "samples": 4, "bytes": (root / "imagenet-train-0000.tar").stat().st_size,
+                                "skipped": []}]
+    assert main(["shards", "--index", str(root)]) == 1
+    assert "index.json exists already; remove it to index the shards again" in capsys.readouterr().err
+    assert main(["shards", "--output", str(root)]) == 1
+    assert "ddep shards needs --input DIR and --output DIR (or --index DIR" in capsys.readouterr().err
+
+
 def test_an_unreadable_sample_is_replaced_by_the_next_readable_one_and_counted(tmp_path, caplog):
-    dataset = ShardImages(hand_made_shards(tmp_path / "shards"), pretrain_transforms(16), shuffle_shards=1)
+    root = shards_from_elsewhere(tmp_path / "wds")
+    index_shards(root)
+    dataset = ShardImages(root, pretrain_transforms(16), shuffle_shards=1)
     stream = iter(dataset)
     with caplog.at_level(logging.WARNING):
         epoch = [next(stream)["name"] for _ in range(4)]

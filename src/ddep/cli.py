@@ -43,22 +43,28 @@ def cmd_splits(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    """Write an image tree once as tar shards (WebDataset layout) for fast pretraining reads."""
+    """Write an image tree once as tar shards (WebDataset layout), or index shards written elsewhere."""
     import time
 
-    from .data.shard_writer import write_shards
+    from .data.shard_writer import index_shards, write_shards
 
     started = time.perf_counter()
-    index = write_shards(args.input, args.output, max_size=args.max_size, per_shard=args.per_shard, quality=args.quality,
-                         workers=args.workers)
+    if args.index:
+        index, folder = index_shards(args.index, workers=args.workers), args.index
+    elif args.input and args.output:
+        index = write_shards(args.input, args.output, max_size=args.max_size, per_shard=args.per_shard, quality=args.quality,
+                             workers=args.workers)
+        folder = args.output
+    else:
+        raise ValueError("ddep shards needs --input DIR and --output DIR (or --index DIR for shards written elsewhere)")
     size = sum(shard["bytes"] for shard in index["shards"])
+    print(f"{folder}: {len(index['shards'])} shards, {index['samples']} images, {size / 2**30:.2f} GiB "
+          f"({time.perf_counter() - started:.1f} s); pretrain with data.dataset=shards data.root={folder}")
     skipped = [pair for shard in index["shards"] for pair in shard["skipped"]]
-    print(f"{args.output}: {len(index['shards'])} shards, {index['samples']} images, {size / 2**30:.2f} GiB "
-          f"({time.perf_counter() - started:.1f} s); pretrain with data.dataset=shards data.root={args.output}")
     if skipped:
         shown = "; ".join(reason for _, reason in skipped[:3])
         print(f"{len(skipped)} unreadable files skipped ({shown}{'; ...' if len(skipped) > 3 else ''}); each shard's "
-              f"are listed in {Path(args.output) / 'index.json'}")
+              f"are listed in {Path(folder) / 'index.json'}")
     return 0
 
 
@@ -188,13 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write every image under --input (the unlabeled dataset's rules) as JPEG members of tar shards in the "
                     "WebDataset layout, shrunk to a longer side of at most --max-size, with index.json (sample counts). "
                     "Rerun the same command after a crash: finished shards are kept. Pretrain with data.dataset=shards.")
-    shards.add_argument("--input", required=True, help="the image folder (searched recursively; class folders are fine)")
-    shards.add_argument("--output", required=True, help="the shard folder to write (created; a rerun finishes it)")
+    shards.add_argument("--input", help="the image folder (searched recursively; class folders are fine)")
+    shards.add_argument("--output", help="the shard folder to write (created; a rerun finishes it)")
+    shards.add_argument("--index", metavar="DIR", help="instead, write index.json for WebDataset shards made elsewhere (timm's, "
+                                                       "OpenCLIP's, img2dataset's: every DIR/*.tar) so that pretraining reads them")
     shards.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE,
                         help=f"longer side kept, in pixels (default {DEFAULT_MAX_SIZE}: 224 px pretraining crops at full detail)")
     shards.add_argument("--per-shard", type=int, default=DEFAULT_PER_SHARD, help=f"images per shard (default {DEFAULT_PER_SHARD})")
     shards.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help=f"JPEG quality (default {DEFAULT_QUALITY})")
-    shards.add_argument("--workers", type=int, default=None, help="processes writing shards (default: every core)")
+    shards.add_argument("--workers", type=int, default=None, help="processes writing (or counting) shards (default: every core)")
     shards.set_defaults(run=cmd_shards)
     for name, help_text in RUN_COMMANDS.items():
         command = commands.add_parser(name, help=help_text, description=help_text + ". Settings: --config FILE.yaml, then KEY=VALUE overrides (dotted keys, e.g. optim.lr=1e-4).")

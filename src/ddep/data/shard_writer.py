@@ -30,7 +30,7 @@ from typing import Any
 from ..atomic import remove_stale_temporaries, write_atomic, write_text_atomic
 from .io import IMAGE_EXTENSIONS, DataError, read_image
 from .labeled import require_dir
-from .shards import FORMAT, INDEX_FILE, encode_key, shard_name, shard_samples
+from .shards import FORMAT, IMAGE_MEMBER_EXTENSIONS, INDEX_FILE, encode_key, shard_keys, shard_name
 from .unlabeled import cached_image_list
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     """Write one shard (atomically), or count the samples of one a crashed run finished."""
     path = task.output / shard_name(task.number)
     if path.exists():
-        keys = {key for key, _ in shard_samples(path.read_bytes(), path)}
+        keys = set(shard_keys(path))
         skipped = [[name, "unreadable (skipped by an earlier run)"] for name in task.files if encode_key(name) not in keys]
         return {"file": path.name, "samples": len(keys), "bytes": path.stat().st_size, "skipped": skipped}
     skipped: list[list[str]] = []
@@ -176,6 +176,31 @@ def write_shards(
         save(False)
         raise DataError(f"no readable images under {source} ({len(files)} files, none could be read)")
     save(True)
+    return index
+
+
+def count_shard(path: Path) -> dict[str, Any]:
+    return {"file": path.name, "samples": len(shard_keys(path)), "bytes": path.stat().st_size, "skipped": []}
+
+
+def index_shards(folder: str | os.PathLike, workers: int | None = None) -> dict[str, Any]:
+    """Write the index of tar shards written elsewhere in the WebDataset layout (timm's, OpenCLIP's,
+    img2dataset's): every ``*.tar`` directly in ``folder``, its samples counted from the member
+    headers, so that ``data.dataset: shards`` reads them. Returns the index."""
+    folder = require_dir(Path(folder), "shard folder")
+    if (folder / INDEX_FILE).exists():
+        raise DataError(f"{folder / INDEX_FILE} exists already; remove it to index the shards again")
+    tars = sorted(folder.glob("*.tar"))
+    if not tars:
+        raise DataError(f"no .tar files in {folder}")
+    with _pool(max(1, min(workers or _cores(), len(tars)))) as pool:
+        shards = list(pool.imap(count_shard, tars) if pool else map(count_shard, tars))
+    samples = sum(shard["samples"] for shard in shards)
+    if not samples:
+        raise DataError(f"{folder}: the .tar files hold no image members ({', '.join(IMAGE_MEMBER_EXTENSIONS)})")
+    index = {"format": FORMAT, "version": 1, "complete": True, "source": None, "files": samples, "samples": samples,
+             "skipped": 0, "shards": shards}
+    write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=1))
     return index
 
 

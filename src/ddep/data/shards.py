@@ -18,6 +18,7 @@ them and continues exactly where it stopped (docs/DATA.md).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -67,20 +68,36 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def shard_samples(data: bytes, path: str | os.PathLike) -> list[tuple[str, memoryview]]:
-    """``(key, encoded image)`` for each sample of a tar shard held in memory, in the shard's order:
-    the first image member (.jpg .jpeg .png .webp) of each key; other members are ignored."""
-    view, samples, seen = memoryview(data), [], set()
+def image_members(tar: tarfile.TarFile) -> Iterator[tuple[str, tarfile.TarInfo]]:
+    """``(key, member)`` for each sample of a tar: the first image member (.jpg .jpeg .png .webp) of
+    each key, in the tar's order; other members (labels, captions) are ignored."""
+    seen = set()
+    for member in tar:
+        key, extension = split_member_name(member.name)
+        if member.isfile() and extension in IMAGE_MEMBER_EXTENSIONS and key not in seen:
+            seen.add(key)
+            yield key, member
+
+
+@contextlib.contextmanager
+def _tar_errors(path: str | os.PathLike) -> Iterator[None]:
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                key, extension = split_member_name(member.name)
-                if member.isfile() and extension in IMAGE_MEMBER_EXTENSIONS and key not in seen:
-                    seen.add(key)
-                    samples.append((key, view[member.offset_data : member.offset_data + member.size]))
+        yield
     except tarfile.TarError as e:
         raise DataError(f"{path}: not a readable tar shard ({e})") from None
-    return samples
+
+
+def shard_samples(data: bytes, path: str | os.PathLike) -> list[tuple[str, memoryview]]:
+    """``(key, encoded image)`` of each sample of a shard held in memory (read in one sequential read)."""
+    view = memoryview(data)
+    with _tar_errors(path), tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return [(key, view[member.offset_data : member.offset_data + member.size]) for key, member in image_members(tar)]
+
+
+def shard_keys(path: Path) -> list[str]:
+    """The sample keys of a shard file, from its member headers alone (the images are not read)."""
+    with _tar_errors(path), tarfile.open(path, mode="r:") as tar:
+        return [key for key, _ in image_members(tar)]
 
 
 def read_index(root: Path) -> dict[str, Any]:
