@@ -70,6 +70,7 @@ RECIPES = {
 }
 # (width, height) of the generated photos: ImageNet-1k's common sizes, and larger ones as in
 # ImageNet-21k and phone photos, where reduced-size decoding pays.
+LOADER_BATCH = 16  # images per batch when the data pipeline alone is timed
 PHOTO_SIZES = [(500, 375), (500, 333), (375, 500), (640, 480), (800, 600), (1024, 768), (1600, 1200), (2048, 1536)]
 
 
@@ -267,17 +268,19 @@ def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size
 def loader_rate(data: torch.utils.data.Dataset, sampler: list[int] | None, workers: int, per_worker: int,
                 finish: Callable[[dict], dict] = lambda batch: batch, device: torch.device = torch.device("cpu")) -> float:
     """Images/s of ``workers`` DataLoader workers over ``data``, with ``finish`` run on each batch in
-    this process (decoding on the device). Batches of 4, one in flight per worker: little work is
-    done before the clock starts, which it does once every worker has made its first batch."""
-    batch = 4
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, sampler=sampler, prefetch_factor=1,
-                                         drop_last=True, worker_init_fn=ignore_stop_signals)
+    this process (decoding on the device). Batches of 16 with the DataLoader's default prefetching,
+    as in training, so that a worker never waits for this process. The clock starts once the
+    batches the workers made ahead during the warm-up are taken (3 per worker), so that it starts,
+    as it stops, with this process waiting for the workers: nothing made before it counts."""
+    batch, warmup = LOADER_BATCH, 3 * workers
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, sampler=sampler, drop_last=True,
+                                         worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
-    for _ in range(workers):
+    for _ in range(warmup):
         finish(next(batches))
     sync(device)
     start = time.perf_counter()
-    count = sum(len(finish(next(batches))["image"]) for _ in range(workers * per_worker // batch))
+    count = sum(len(finish(next(batches))["image"]) for _ in range(max(1, workers * per_worker // batch)))
     sync(device)
     return count / (time.perf_counter() - start)
 
@@ -286,7 +289,8 @@ def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: i
     """Images/s of ``workers`` DataLoader workers reading a folder: JPEG decoding, the pretraining
     augmentation (random resized crop to ``size``, flip), collation; the photos are read again as needed."""
     dataset = UnlabeledImages(folder, transform=pretrain_transforms(size, (0.25, 1.0)), min_size=min_size, cache_dir=folder / ".cache")
-    return loader_rate(dataset, [i % len(dataset) for i in range(workers * (per_worker + 4))], workers, per_worker)
+    batches = 3 * workers + max(1, workers * per_worker // LOADER_BATCH)
+    return loader_rate(dataset, [i % len(dataset) for i in range(batches * LOADER_BATCH)], workers, per_worker)
 
 
 def measure_shards(folder: Path, workers: int, per_worker: int, size: int, decode: str = "cpu",
@@ -295,7 +299,7 @@ def measure_shards(folder: Path, workers: int, per_worker: int, size: int, decod
     over JPEG bytes, decoded and augmented on ``device`` in this process."""
     dataset = ShardImages(folder, pretrain_transforms(size, (0.25, 1.0)), decode=decode)
     finish = (lambda batch: dataset.decode_batch(batch, device)) if decode == "gpu" else (lambda batch: batch)
-    return loader_rate(dataset.stream(0, 0, 1, batch_size=4), None, workers, per_worker, finish, device)
+    return loader_rate(dataset.stream(0, 0, 1, batch_size=LOADER_BATCH), None, workers, per_worker, finish, device)
 
 
 def make_photos(folder: Path, count: int, short_side: int | None = None) -> None:
@@ -381,7 +385,8 @@ def run_all(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) ->
         written = write_shards(photos, shards, per_shard=4, progress=False, cache_dir=Path(folder) / "cache")
         result["data"] = {"photo_sizes": PHOTO_SIZES, "reduced_min_size": 2 * args.size, "resized_short_side": 2 * args.size,
                           "shard_max_size": written["max_size"], "shards_write_processes": min(len(os.sched_getaffinity(0)), len(written["shards"])),
-                          "shards_write_img_s": written["samples"] / (time.perf_counter() - started), "img_s": {}}
+                          "shards_write_img_s": written["samples"] / (time.perf_counter() - started),
+                          "shard_bytes_per_image": sum(shard["bytes"] for shard in written["shards"]) / written["samples"], "img_s": {}}
         for workers in args.data_workers:
             result["data"]["img_s"][str(workers)] = {
                 "full_decode": measure_data(photos, None, workers, args.photos, args.size),
@@ -420,7 +425,8 @@ def table(result: dict[str, Any]) -> str:
                      f"{rates['shards'] / rates['full_decode']:.1f}x whole JPEGs), "
                      f"{rates['shards_device_decode']:.0f} img/s from shards decoded on the {result['machine']['device']} (data.decode=gpu)")
     lines.append(f"ddep shards: {data['shards_write_img_s']:.0f} img/s with {data['shards_write_processes']} processes "
-                 f"({1e6 / data['shards_write_img_s'] / 3600:.1f} h per million of these photos)")
+                 f"({1e6 / data['shards_write_img_s'] / 3600:.1f} h per million of these photos), "
+                 f"{data['shard_bytes_per_image'] / 1024:.0f} KiB per image")
     if result["matmul_bf16_tflops"]:
         lines.append(f"bf16 matmul ceiling: {result['matmul_bf16_tflops']:.0f} TFLOP/s")
     return "\n".join(lines)
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-steps", type=counting(1), default=2, help="timed fine-tuning steps and evaluation passes")
     parser.add_argument("--checkpointing", action="store_true", help="also measure ours with grad_checkpointing=true")
     parser.add_argument("--eval-size", type=counting(32), default=128, help="evaluation image: this x twice this (a multiple of 16)")
-    parser.add_argument("--photos", type=counting(1), default=48, help="images each data worker loads while timed")
+    parser.add_argument("--photos", type=counting(1), default=160, help="images each data worker loads while timed")
     parser.add_argument("--data-workers", type=counting(1), nargs="+", default=[1, 2], help="DataLoader worker counts to time")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)

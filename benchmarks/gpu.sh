@@ -3,7 +3,8 @@
 # each model, so a run cut short keeps what it measured).
 # UNet-R50 and TransUNet at 224x224, batch 64, bf16: ours (also with grad_checkpointing) against
 # the straightforward implementation, MFU against the measured bf16 matmul ceiling, fine-tuning
-# and evaluation (on 512x1024 images), and the data pipeline on 1 and 16 workers. Writes
+# and evaluation (on 512x1024 images), and the data pipeline (folders, tar shards, shards decoded on the
+# GPU) on 1 and 16 workers. Writes
 # bench-gpu.json into $OUT (or here) and prints the table.
 #   bash benchmarks/gpu.sh                      # on a GPU machine, from anywhere
 #   DEVICE=cpu BENCH_ARGS="--size 64 ..." bash benchmarks/gpu.sh   # the same script, tried on a CPU

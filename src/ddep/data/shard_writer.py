@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 #: a 512 x 384 photo still gives crops of about 222 px across, the 224 px input at full detail, and
 #: ImageNet-1k's typical 500 x 375 photos pass unshrunk (docs/DATA.md).
 DEFAULT_MAX_SIZE = 512
-DEFAULT_PER_SHARD = 1000  # about 50 MB at the defaults: few files, long sequential reads
-DEFAULT_QUALITY = 90  # FFCV's and img2dataset's choice for ImageNet: no visible loss, a third of quality 100's bytes
+DEFAULT_PER_SHARD = 1000  # about 43 MiB of the benchmark's photos: few files, long sequential reads
+DEFAULT_QUALITY = 90  # as FFCV's ImageNet files (ffcv-imagenet: write_imagenet.sh 500 0.50 90)
 SETTINGS = ("max_size", "quality", "per_shard")
 SAVE_PROGRESS_SECONDS = 60.0  # how often the unfinished index records the shards finished so far
 

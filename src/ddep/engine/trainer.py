@@ -154,6 +154,7 @@ class Trainer:
         resume: bool = False,
     ) -> None:
         self.config, self.model, self.run_dir, self.dist, self.device, self.stage = config, model, run_dir, dist_info, device, stage
+        self.dataset = dataset
         optim = config["optim"]
         self.accum = optim["grad_accum"]
         self.batch_size = config["data"]["batch_size"]
@@ -183,7 +184,6 @@ class Trainer:
         self.extra: dict[str, Any] = {}
         if resume:
             self.load(checkpoint_path(self.run_dir, "last.pt"))
-        self.dataset = dataset
         self.loader = training_loader(dataset, config["seed"], self.batch_size, config["data"]["num_workers"], dist_info,
                                       start=self.step * self.accum, pin_memory=device.type == "cuda")
         self.stop_signals = StopSignals()
@@ -400,6 +400,11 @@ class Trainer:
         if len(ranks) != self.dist.world_size:
             log.warning("%s: saved by %d processes, resumed by %d: the random streams differ from an uninterrupted run's",
                         path, len(ranks), self.dist.world_size)
+        workers = (state.get("config") or {}).get("data", {}).get("num_workers")
+        if isinstance(self.dataset, ShardImages) and workers != self.config["data"]["num_workers"]:
+            log.warning("%s: saved with data.num_workers=%s, resumed with %s: the shards' order depends on it, so the run goes on "
+                        "from the same step with another order of the epoch's remaining samples", path, workers,
+                        self.config["data"]["num_workers"])
         rng = ranks[self.dist.rank % len(ranks)]
         torch.set_rng_state(rng["torch"].cpu())
         self.generator.set_state(rng["generator"].cpu())
