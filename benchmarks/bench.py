@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddep.atomic import write_text_atomic
 from ddep.config import load_config
-from ddep.data.shard_writer import write_shards
+from ddep.data.shard_writer import usable_cores, write_shards
 from ddep.data.shards import ShardImages
 from ddep.data.transforms import pretrain_transforms
 from ddep.data.unlabeled import UnlabeledImages
@@ -268,11 +268,11 @@ def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size
 def loader_rate(data: torch.utils.data.Dataset, sampler: list[int] | None, workers: int, per_worker: int,
                 finish: Callable[[dict], dict] = lambda batch: batch, device: torch.device = torch.device("cpu")) -> float:
     """Images/s of ``workers`` DataLoader workers over ``data``, with ``finish`` run on each batch in
-    this process (decoding on the device). Batches of 16 with the DataLoader's default prefetching,
+    this process (decoding on the device). Batches of 16 (fewer for tiny runs) with the DataLoader's default prefetching,
     as in training, so that a worker never waits for this process. The clock starts once the
     batches the workers made ahead during the warm-up are taken (3 per worker), so that it starts,
     as it stops, with this process waiting for the workers: nothing made before it counts."""
-    batch, warmup = LOADER_BATCH, 3 * workers
+    batch, warmup = min(LOADER_BATCH, per_worker), 3 * workers
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, sampler=sampler, drop_last=True,
                                          worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
@@ -289,8 +289,9 @@ def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: i
     """Images/s of ``workers`` DataLoader workers reading a folder: JPEG decoding, the pretraining
     augmentation (random resized crop to ``size``, flip), collation; the photos are read again as needed."""
     dataset = UnlabeledImages(folder, transform=pretrain_transforms(size, (0.25, 1.0)), min_size=min_size, cache_dir=folder / ".cache")
-    batches = 3 * workers + max(1, workers * per_worker // LOADER_BATCH)
-    return loader_rate(dataset, [i % len(dataset) for i in range(batches * LOADER_BATCH)], workers, per_worker)
+    batch = min(LOADER_BATCH, per_worker)
+    batches = 3 * workers + max(1, workers * per_worker // batch)
+    return loader_rate(dataset, [i % len(dataset) for i in range(batches * batch)], workers, per_worker)
 
 
 def measure_shards(folder: Path, workers: int, per_worker: int, size: int, decode: str = "cpu",
@@ -299,7 +300,7 @@ def measure_shards(folder: Path, workers: int, per_worker: int, size: int, decod
     over JPEG bytes, decoded and augmented on ``device`` in this process."""
     dataset = ShardImages(folder, pretrain_transforms(size, (0.25, 1.0)), decode=decode)
     finish = (lambda batch: dataset.decode_batch(batch, device)) if decode == "gpu" else (lambda batch: batch)
-    return loader_rate(dataset.stream(0, 0, 1, batch_size=LOADER_BATCH), None, workers, per_worker, finish, device)
+    return loader_rate(dataset.stream(0, 0, 1, batch_size=min(LOADER_BATCH, per_worker)), None, workers, per_worker, finish, device)
 
 
 def make_photos(folder: Path, count: int, short_side: int | None = None) -> None:
@@ -384,7 +385,7 @@ def run_all(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) ->
         started = time.perf_counter()
         written = write_shards(photos, shards, per_shard=4, progress=False, cache_dir=Path(folder) / "cache")
         result["data"] = {"photo_sizes": PHOTO_SIZES, "reduced_min_size": 2 * args.size, "resized_short_side": 2 * args.size,
-                          "shard_max_size": written["max_size"], "shards_write_processes": min(len(os.sched_getaffinity(0)), len(written["shards"])),
+                          "shard_max_size": written["max_size"], "shards_write_processes": min(usable_cores(), len(written["shards"])),
                           "shards_write_img_s": written["samples"] / (time.perf_counter() - started),
                           "shard_bytes_per_image": sum(shard["bytes"] for shard in written["shards"]) / written["samples"], "img_s": {}}
         for workers in args.data_workers:

@@ -84,7 +84,8 @@ def test_the_writer_makes_webdataset_shards_with_an_index_bounded_sizes_and_bad_
     assert fit_size(90, 30, 48) == (48, 16) and fit_size(30, 20, 48) == (30, 20)
 
 
-def test_a_rerun_after_a_crash_keeps_finished_shards_and_writes_the_same_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-in-the-index", "counted-from-its-headers"])
+def test_a_rerun_after_a_crash_keeps_finished_shards_and_writes_the_same_bytes(tmp_path, monkeypatch, recorded):
     source = photo_tree(tmp_path / "photos")
     settings = dict(max_size=48, per_shard=4, workers=1, progress=False, cache_dir=tmp_path / "cache")
     write_shards(source, tmp_path / "reference", **settings)
@@ -98,7 +99,8 @@ def test_a_rerun_after_a_crash_keeps_finished_shards_and_writes_the_same_bytes(t
             raise KeyboardInterrupt  # the process dies while shard 1 is half written
         return real(*args)
 
-    monkeypatch.setattr(shard_writer, "SAVE_PROGRESS_SECONDS", 0.0)  # the index records each finished shard
+    # the index records each finished shard, or (a crash within the minute between records) none
+    monkeypatch.setattr(shard_writer, "SAVE_PROGRESS_SECONDS", 0.0 if recorded else 1e9)
     monkeypatch.setattr(shard_writer, "encode_jpeg", crash_in_the_second_shard)
     out = tmp_path / "shards"
     with pytest.raises(KeyboardInterrupt):
@@ -112,7 +114,7 @@ def test_a_rerun_after_a_crash_keeps_finished_shards_and_writes_the_same_bytes(t
     calls.clear()
     monkeypatch.setattr(shard_writer, "encode_jpeg", lambda *args: calls.append(args[0]) or real(*args))
     index = write_shards(source, out, **settings)
-    assert len(calls) == 14 - 4  # shard 0 was kept, not even read again
+    assert len(calls) == 14 - 4  # shard 0 was kept, not written again
     for shard in index["shards"]:
         assert (out / shard["file"]).read_bytes() == (tmp_path / "reference" / shard["file"]).read_bytes()
     assert index == read_index(tmp_path / "reference")
@@ -166,6 +168,13 @@ def test_each_epoch_deals_every_shard_to_exactly_one_slot(even_shards, slots, pe
     assert len({tuple(o) for o in orders}) == 3  # a new permutation every epoch
     other = ShardImages(even_shards).stream(seed=6, rank=0, world_size=1, batch_size=1)
     assert [other.shard_at(t) for t in range(8)] != orders[0]
+
+
+def test_too_few_shards_for_the_readers_is_warned_about(even_shards, caplog):
+    crowded = ShardImages(even_shards, pretrain_transforms(16)).stream(seed=0, rank=0, world_size=5, batch_size=1)
+    with caplog.at_level(logging.WARNING):
+        next(iter(crowded))
+    assert "8 shards for 5 readers x shuffle_shards=2: readers shuffle fewer shards together" in caplog.text
 
 
 def names_of(loader, batches: int) -> list[list[str]]:
@@ -226,6 +235,8 @@ def test_shards_written_elsewhere_get_an_index_and_are_read(tmp_path, capsys):
     assert "index.json exists already; remove it to index the shards again" in capsys.readouterr().err
     assert main(["shards", "--output", str(root)]) == 1
     assert "ddep shards needs --input DIR and --output DIR (or --index DIR" in capsys.readouterr().err
+    assert main(["shards", "--index", str(root), "--input", str(root)]) == 1
+    assert "ddep shards takes either --index DIR, or --input DIR and --output DIR" in capsys.readouterr().err
 
 
 def test_an_unreadable_sample_is_replaced_by_the_next_readable_one_and_counted(tmp_path, caplog):
@@ -237,6 +248,39 @@ def test_an_unreadable_sample_is_replaced_by_the_next_readable_one_and_counted(t
         epoch = [next(stream)["name"] for _ in range(4)]
     assert "b" not in epoch and sorted(set(epoch)) == ["a", "c", "d"] and len(epoch) == 4  # positions kept
     assert dataset.skipped == 1 and "skipping unreadable image (1 skipped so far): b: not a readable image" in caplog.text
+
+
+def test_device_decoding_replaces_what_it_cannot_decode(tmp_path, caplog):
+    root = shards_from_elsewhere(tmp_path / "wds")
+    index_shards(root)
+    dataset = ShardImages(root, pretrain_transforms(16), shuffle_shards=1, decode="gpu")
+    stream = iter(dataset)
+    with caplog.at_level(logging.WARNING):
+        sent = [next(stream) for _ in range(4)]
+    assert sorted({item["name"] for item in sent}) == ["a", "c"]  # the PNG and the damaged JPEG replaced in the worker
+    assert "d: PNG image; data.decode=gpu decodes JPEGs only" in caplog.text and dataset.skipped == 2
+    cut = sent[0]["jpeg"][:300] + b"\xff\xd9"  # passes the workers' checks, fails on the device
+    batch = default_collate([dict(sent[0], jpeg=cut, name="cut"), *sent[1:]])
+    with caplog.at_level(logging.WARNING):
+        decoded = dataset.decode_batch(batch, torch.device("cpu"))
+    assert decoded["name"] == [sent[1]["name"], *(item["name"] for item in sent[1:])]  # the next image, with its name
+    assert decoded["image"].shape == (4, 3, 16, 16) and "skipping an image the device cannot decode: cut" in caplog.text
+
+
+def test_a_shard_damaged_during_a_run_is_warned_about_and_its_images_replaced(even_shards, caplog):
+    index = read_index(even_shards)
+    damaged = even_shards / index["shards"][3]["file"]
+    with tarfile.open(damaged) as tar:
+        second = tar.getmembers()[1].offset
+    data = bytearray(damaged.read_bytes())
+    data[second : second + 512] = bytes(512)  # the second member's header zeroed: the tar seems to end there
+    damaged.write_bytes(bytes(data))  # the same size: only reading it tells
+    dataset = ShardImages(even_shards, pretrain_transforms(16), shuffle_shards=2).stream(0, 0, 1, batch_size=1)
+    stream = iter(dataset)
+    with caplog.at_level(logging.WARNING):
+        epoch = [next(stream)["name"] for _ in range(24)]
+    assert f"{damaged}: 1 images, but index.json says 3; its missing images are replaced" in caplog.text
+    assert len(set(epoch)) == 22  # the two lost images' places taken by others of their group
 
 
 def test_decoding_on_the_device_gives_the_workers_images(even_shards):
@@ -275,7 +319,7 @@ def test_pretraining_from_shards_through_the_cli_resumes_exactly(data, monkeypat
     assert load_checkpoint("runs/device-decoding/checkpoints/last.pt")["step"] == 1
 
 
-def test_shard_folder_problems_are_one_line_errors(shards_of_photos, data, capsys):
+def test_shard_folder_problems_are_one_line_errors(shards_of_photos, data, capsys, monkeypatch):
     source, out = shards_of_photos
     with pytest.raises(DataError, match="no index.json; write shards there with `ddep shards --input IMAGES --output"):
         build_dataset("shards", source)
@@ -288,6 +332,17 @@ def test_shard_folder_problems_are_one_line_errors(shards_of_photos, data, capsy
         build_dataset("shards", out)
     assert main(["pretrain", "data.root=data/images", *PRETRAIN, "data.decode=gpu"]) == 1
     assert "data.decode=gpu decodes the JPEGs of tar shards: it needs data.dataset=shards" in capsys.readouterr().err
+    assert main(["pretrain", "data.dataset=shards", f"data.root={out}", *PRETRAIN, "data.options={decode: gpu}"]) == 1
+    assert "set data.decode, not data.options.decode" in capsys.readouterr().err
+    import torchvision
+
+    monkeypatch.setattr(torchvision, "__version__", "0.19.1+cu121")
+    with pytest.raises(DataError, match="data.decode=gpu needs torchvision >= 0.20 .*found 0.19.1"):
+        ShardImages(out, decode="gpu")
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**index, "version": 2}))
+    with pytest.raises(DataError, match="index version 2, newer than this ddep reads"):
+        ShardImages(out)
     Path("empty").mkdir()
     assert main(["shards", "--input", "empty", "--output", "out"]) == 1
     assert "ddep shards: error: no images (.jpg, .jpeg, .png, .webp, .bmp) found under" in capsys.readouterr().err

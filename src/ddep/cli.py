@@ -49,6 +49,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from .data.shard_writer import index_shards, write_shards
 
     started = time.perf_counter()
+    if args.index and (args.input or args.output):
+        raise ValueError("ddep shards takes either --index DIR, or --input DIR and --output DIR")
     if args.index:
         index, folder = index_shards(args.index, workers=args.workers), args.index
     elif args.input and args.output:

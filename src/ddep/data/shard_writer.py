@@ -22,7 +22,8 @@ import multiprocessing
 import os
 import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 from ..atomic import remove_stale_temporaries, write_atomic, write_text_atomic
 from .io import IMAGE_EXTENSIONS, DataError, read_image
 from .labeled import require_dir
-from .shards import FORMAT, IMAGE_MEMBER_EXTENSIONS, INDEX_FILE, encode_key, shard_keys, shard_name
+from .shards import FORMAT, IMAGE_MEMBER_EXTENSIONS, INDEX_FILE, VERSION, encode_key, parse_index, shard_keys, shard_name
 from .unlabeled import cached_image_list
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,7 @@ def previous_index(output: Path, settings: dict[str, Any], files: int, listing: 
         if any(output.glob("shard-*.tar")):
             raise DataError(f"{output} holds shard files but no {INDEX_FILE}: not written by `ddep shards`; use an empty --output")
         return None
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise DataError(f"{path}: not an index written by `ddep shards`; use an empty --output")
+    index = parse_index(path)
     differences = [f"{key} {index.get(key)} there, {value} here" for key, value in settings.items() if index.get(key) != value]
     if index.get("listing_sha1") != listing:
         differences.append(f"{index.get('files')} files listed there, {files} here" if index.get("files") != files
@@ -147,9 +143,14 @@ def write_shards(
     ordered = hashed_order(files)
     tasks = [ShardTask(n, ordered[start : start + per_shard], source, output, max_size, quality)
              for n, start in enumerate(range(0, len(ordered), per_shard))]
-    done = {shard["file"]: shard for shard in earlier.get("shards", [])
-            if (output / shard["file"]).is_file() and (output / shard["file"]).stat().st_size == shard["bytes"]}
-    index = {"format": FORMAT, "version": 1, "complete": False, **settings, "source": str(source), "files": len(files),
+    done = {}
+    for shard in earlier.get("shards", []):
+        path = output / shard["file"]
+        if path.is_file() and path.stat().st_size == shard["bytes"]:
+            done[shard["file"]] = shard
+        else:  # changed since the earlier run recorded it: written again
+            path.unlink(missing_ok=True)
+    index = {"format": FORMAT, "version": VERSION, "complete": False, **settings, "source": str(source), "files": len(files),
              "listing_sha1": listing, "samples": 0, "skipped": 0, "shards": []}
 
     def save(complete: bool) -> None:
@@ -160,17 +161,16 @@ def write_shards(
 
     save(False)
     todo = [task for task in tasks if shard_name(task.number) not in done]
-    bar = _progress_bar(len(files), len(files) - sum(len(task.files) for task in todo), progress)
+    results = run_each(write_shard, todo, workers)
+    bar = _progress_bar(len(files), len(files) - sum(len(task.files) for task in todo), progress)  # after the fork
     saved_at = time.monotonic()
-    workers = max(1, min(workers or _cores(), len(todo) or 1))
-    with _pool(workers) as pool:
-        for result in (pool.imap_unordered(write_shard, todo) if pool else map(write_shard, todo)):
-            done[result["file"]] = result
-            bar.update(result["samples"] + len(result["skipped"]))
-            bar.set_postfix(skipped=sum(len(s["skipped"]) for s in done.values()), refresh=False)
-            if time.monotonic() - saved_at > SAVE_PROGRESS_SECONDS:
-                save(False)
-                saved_at = time.monotonic()
+    for result in results:
+        done[result["file"]] = result
+        bar.update(result["samples"] + len(result["skipped"]))
+        bar.set_postfix(skipped=sum(len(s["skipped"]) for s in done.values()), refresh=False)
+        if time.monotonic() - saved_at > SAVE_PROGRESS_SECONDS:
+            save(False)
+            saved_at = time.monotonic()
     bar.close()
     if not sum(shard["samples"] for shard in done.values()):
         save(False)
@@ -193,35 +193,40 @@ def index_shards(folder: str | os.PathLike, workers: int | None = None) -> dict[
     tars = sorted(folder.glob("*.tar"))
     if not tars:
         raise DataError(f"no .tar files in {folder}")
-    with _pool(max(1, min(workers or _cores(), len(tars)))) as pool:
-        shards = list(pool.imap(count_shard, tars) if pool else map(count_shard, tars))
+    shards = sorted(run_each(count_shard, tars, workers), key=lambda shard: shard["file"])
     samples = sum(shard["samples"] for shard in shards)
     if not samples:
         raise DataError(f"{folder}: the .tar files hold no image members ({', '.join(IMAGE_MEMBER_EXTENSIONS)})")
-    index = {"format": FORMAT, "version": 1, "complete": True, "source": None, "files": samples, "samples": samples,
+    index = {"format": FORMAT, "version": VERSION, "complete": True, "source": None, "files": samples, "samples": samples,
              "skipped": 0, "shards": shards}
     write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=1))
     return index
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class _NoPool:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _pool(workers: int):
-    """Worker processes (forked where the OS allows: no re-import of torch), or none for one worker."""
+def run_each(function: Callable[[Any], dict[str, Any]], tasks: list, workers: int | None = None) -> Iterator[dict[str, Any]]:
+    """``function(task)`` for every task, results as they finish, in ``workers`` processes (default:
+    every core; forked where the OS allows, so that torch is not imported again), or in this one
+    for one. The processes start before this returns; a process that dies (killed for memory, say)
+    raises ``BrokenProcessPool`` instead of leaving the loop waiting for its result."""
+    workers = max(1, min(workers or usable_cores(), len(tasks)))
     if workers == 1:
-        return _NoPool()
+        return map(function, tasks)
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if "fork" in methods else None))
+    futures = [pool.submit(function, task) for task in tasks]
+
+    def results() -> Iterator[dict[str, Any]]:
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:  # on an error or Ctrl-C: no new tasks, the ones in flight finish (their shards are whole)
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    return results()
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import json
 import logging
 import os
@@ -30,11 +31,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..choices import check_choice
+from ..config import CHOICES
 from .io import DataError, open_image, read_image
 from .labeled import require_dir
 from .seeds import sample_seed, seeded
@@ -44,8 +45,11 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 FORMAT = "ddep-shards"
+VERSION = 1
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-DECODE = ("cpu", "gpu")
+#: JPEG's end-of-image marker: inside the entropy-coded data 0xFF is always followed by 0x00 or a
+#: restart marker, so its absence from a file's last bytes means the file was cut short.
+END_OF_IMAGE = b"\xff\xd9"
 
 
 def encode_key(relative_path: str) -> str:
@@ -100,17 +104,25 @@ def shard_keys(path: Path) -> list[str]:
         return [key for key, _ in image_members(tar)]
 
 
-def read_index(root: Path) -> dict[str, Any]:
-    """The finished index of a shard folder; a missing, foreign or unfinished one is a one-line error."""
-    path = root / INDEX_FILE
-    if not path.is_file():
-        raise DataError(f"{root}: no {INDEX_FILE}; write shards there with `ddep shards --input IMAGES --output {root}`")
+def parse_index(path: Path) -> dict[str, Any]:
+    """The content of an ``index.json``; one that is not JSON or not ddep's format is a one-line error."""
     try:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise DataError(f"{path}: not an index written by `ddep shards` (format {FORMAT!r} expected)")
+    if index.get("version", VERSION) > VERSION:
+        raise DataError(f"{path}: index version {index['version']}, newer than this ddep reads ({VERSION}); update ddep")
+    return index
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """The finished index of a shard folder; a missing, foreign or unfinished one is a one-line error."""
+    path = root / INDEX_FILE
+    if not path.is_file():
+        raise DataError(f"{root}: no {INDEX_FILE}; write shards there with `ddep shards --input IMAGES --output {root}`")
+    index = parse_index(path)
     if not index.get("complete"):
         raise DataError(f"{path}: the shards are not finished; run the same `ddep shards` command again to finish them")
     return index
@@ -132,7 +144,9 @@ class ShardImages(IterableDataset):
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None, shuffle_shards: int = 2,
                  decode: str = "cpu") -> None:
         self.root = require_dir(Path(root), "shard folder")
-        check_choice("data.decode", decode, DECODE)
+        check_choice("data.decode", decode, CHOICES["data.decode"])
+        if decode == "gpu":
+            require_batched_jpeg_decoding()
         if not isinstance(shuffle_shards, int) or shuffle_shards < 1:
             raise DataError(f"shuffle_shards must be an integer >= 1, got {shuffle_shards!r}")
         index = read_index(self.root)
@@ -151,7 +165,7 @@ class ShardImages(IterableDataset):
                 self.counts.append(shard["samples"])
         if not self.shards:
             raise DataError(f"{self.root}: the shards hold no images")
-        self.offsets = [sum(self.counts[:i]) for i in range(len(self.counts))]
+        self.offsets = [0, *itertools.accumulate(self.counts)][:-1]
         self.transform = transform or ToTensor()
         self.shuffle_shards, self.decode = shuffle_shards, decode
         self.seed, self.rank, self.world_size, self.batch_size, self.start = 0, None, None, 1, 0
@@ -213,41 +227,59 @@ class ShardImages(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots, skip = self._slot()
+        if slot == 0 and len(self.shards) < slots * self.shuffle_shards:
+            log.warning("%s: %d shards for %d readers x shuffle_shards=%d: readers shuffle fewer shards together, and some "
+                        "read the same shards (of other epochs) at the same time; write smaller shards (ddep shards "
+                        "--per-shard) for this many processes and workers", self.root, len(self.shards), slots, self.shuffle_shards)
         for block in self.blocks(slot, slots):
             size = sum(self.counts[shard] for _, shard in block)
             if skip >= size:  # taken before a resume: not even read
                 skip -= size
                 continue
-            samples = [(t, shard, i, key, data) for t, shard in block for i, (key, data) in enumerate(self._read(shard))]
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, block[0][0], -2))
-            order = [samples[i] for i in torch.randperm(size, generator=generator).tolist()]
-            for position in range(skip, size):
-                yield self._item(order, position)
+            yield from self._block_items(block, skip)
             skip = 0
 
-    def _read(self, shard: int) -> list[tuple[str, memoryview]]:
+    def _block_items(self, block: list[tuple[int, int]], skip: int) -> Iterator[dict]:
+        """The samples of one group of shards, read whole, in the group's seeded order, from ``skip`` on."""
+        samples = [(t, shard, i, key, data) for t, shard in block for i, (key, data) in enumerate(self._read(shard))]
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, block[0][0], -2))
+        order = [samples[i] for i in torch.randperm(len(samples), generator=generator).tolist()]
+        for position in range(skip, len(order)):
+            yield self._item(order, position)
+
+    def _read(self, shard: int) -> list[tuple[str | None, memoryview | None]]:
+        """A shard's samples; a damaged shard's missing ones are ``(None, None)``, replaced like
+        unreadable images, so that positions, and with them exact resume, hold."""
         path = self.root / self.shards[shard]
-        samples = shard_samples(path.read_bytes(), path)
-        if len(samples) != self.counts[shard]:
-            raise DataError(f"{path}: {len(samples)} images, but {INDEX_FILE} says {self.counts[shard]}")
+        try:
+            samples = shard_samples(path.read_bytes(), path)
+            problem = f"{len(samples)} images, but {INDEX_FILE} says {self.counts[shard]}" if len(samples) != self.counts[shard] else ""
+        except (DataError, OSError) as e:
+            samples, problem = [], str(e)
+        if problem:
+            log.warning("%s: %s; its missing images are replaced by others of its group", path, problem)
+            samples = (samples + [(None, None)] * self.counts[shard])[: self.counts[shard]]
         return samples
 
     # ----- one sample
     def _item(self, order: Sequence[tuple], position: int) -> dict:
         """The sample at ``position`` of a block's order, seeded by its (epoch, index); when it cannot
-        be decoded, the next readable one in that order takes its place (as for folders)."""
+        be read, the next readable one in that order takes its place (as for folders)."""
         t, shard, i, _, _ = order[position]
         seed = sample_seed(self.seed, t // len(self.shards), self.offsets[shard] + i)
         for attempt in range(len(order)):
-            key, data = order[(position + attempt) % len(order)][3:]
+            key, view = order[(position + attempt) % len(order)][3:]
+            if key is None:  # lost with a damaged shard
+                continue
             name = decode_key(key)
             if name in self.unreadable:
                 continue
             try:
-                if self.decode == "gpu":  # the header only: the device decodes
-                    open_image(name, bytes(data))
-                    return {"jpeg": bytes(data), "seed": seed, "name": name}
-                image = read_image(name, data=bytes(data))
+                data = bytes(view)
+                if self.decode == "gpu":  # the device decodes: here only what is cheap to check
+                    check_jpeg(name, data)
+                    return {"jpeg": data, "seed": seed, "name": name}
+                image = read_image(name, data=data)
             except DataError as e:
                 self.unreadable.add(name)
                 log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped, e)
@@ -262,33 +294,50 @@ class ShardImages(IterableDataset):
         from torchvision.io import ImageReadMode, decode_jpeg
 
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in batch["jpeg"]]
+        names = list(batch["name"])
         try:
             images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # a damaged or non-JPEG sample: one by one, substituting what fails
-            images = self._decode_each(encoded, batch["name"], device)
+        except RuntimeError:  # damaged beyond what the workers check: one by one
+            images, names = self._decode_each(encoded, names, device)
         out = []
         for image, seed in zip(images, batch["seed"].tolist()):
             with seeded(seed):
                 out.append(self.transform({"image": image})["image"])
-        return {"image": torch.stack(out), "name": batch["name"]}
+        return {"image": torch.stack(out), "name": names}
 
-    def _decode_each(self, encoded: list[torch.Tensor], names: list[str], device: torch.device) -> list[torch.Tensor]:
+    def _decode_each(self, encoded: list[torch.Tensor], names: list[str], device: torch.device) -> tuple[list, list[str]]:
+        """Each image decoded alone; one that fails takes the next decodable image of the batch (and its name)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         images: list[torch.Tensor | None] = []
         for data, name in zip(encoded, names):
             try:
                 images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                try:  # PNG or WebP from shards written elsewhere
-                    pil = read_image(name, data=data.numpy().tobytes())
-                    images.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).to(device))
-                except DataError as e:
-                    self.unreadable.add(name)
-                    log.warning("skipping unreadable image (%d skipped so far): %s", self.skipped, e)
-                    images.append(None)
-        if all(image is None for image in images):
-            raise DataError(f"{self.root}: no readable image in a batch of {len(names)} ({names[0]}, ...)")
-        # an unreadable sample takes the next readable image of the batch (cyclically), as on the CPU
-        return [image if image is not None else next(x for x in images[i:] + images[:i] if x is not None)
-                for i, image in enumerate(images)]
+            except RuntimeError as e:
+                log.warning("skipping an image the device cannot decode: %s (%s)", name, str(e).splitlines()[0])
+                images.append(None)
+        good = [i for i, image in enumerate(images) if image is not None]
+        if not good:
+            raise DataError(f"{self.root}: no image of a batch of {len(names)} could be decoded ({names[0]}, ...)")
+        take = [i if images[i] is not None else next((j for j in good if j > i), good[0]) for i in range(len(images))]
+        return [images[j] for j in take], [names[j] for j in take]
+
+
+def check_jpeg(name: str, data: bytes) -> None:
+    """What ``decode="gpu"`` checks before the device decodes: a JPEG (other formats need
+    ``decode="cpu"``) whose end-of-image marker is there (not cut short)."""
+    image = open_image(name, data)
+    if image.format != "JPEG":
+        raise DataError(f"{name}: {image.format} image; data.decode=gpu decodes JPEGs only (data.decode=cpu reads any)")
+    if END_OF_IMAGE not in data[-64:]:
+        raise DataError(f"{name}: truncated JPEG (no end-of-image marker)")
+
+
+def require_batched_jpeg_decoding() -> None:
+    """``decode="gpu"`` decodes a batch with one ``decode_jpeg`` call on a list, which older
+    torchvision releases do not take."""
+    import torchvision
+
+    version = tuple(int(part) for part in torchvision.__version__.split("+")[0].split(".")[:2])
+    if version < (0, 20):
+        raise DataError(f"data.decode=gpu needs torchvision >= 0.20 (decode_jpeg on a list of images); found {torchvision.__version__}")

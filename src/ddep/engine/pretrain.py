@@ -39,6 +39,8 @@ def pretrain_data(config: dict[str, Any]):
     """The unlabeled images of ``config``, as random resized crops in [0, 1]."""
     data = config["data"]
     options = data["options"]
+    if "decode" in options:
+        raise ValueError("set data.decode, not data.options.decode")
     if data["dataset"] == "shards":
         options = {**options, "decode": data["decode"]}
     elif data["decode"] != "cpu":

@@ -400,11 +400,11 @@ class Trainer:
         if len(ranks) != self.dist.world_size:
             log.warning("%s: saved by %d processes, resumed by %d: the random streams differ from an uninterrupted run's",
                         path, len(ranks), self.dist.world_size)
-        workers = (state.get("config") or {}).get("data", {}).get("num_workers")
-        if isinstance(self.dataset, ShardImages) and workers != self.config["data"]["num_workers"]:
+        workers = (state.get("config") or {}).get("data", {}).get("num_workers", 0)
+        if isinstance(self.dataset, ShardImages) and max(1, workers) != max(1, self.config["data"]["num_workers"]):
             log.warning("%s: saved with data.num_workers=%s, resumed with %s: the shards' order depends on it, so the run goes on "
-                        "from the same step with another order of the epoch's remaining samples", path, workers,
-                        self.config["data"]["num_workers"])
+                        "from the same step and point of the epoch, but the epoch's remaining samples are not the ones the "
+                        "run would have seen (some come twice, as many not at all)", path, workers, self.config["data"]["num_workers"])
         rng = ranks[self.dist.rank % len(ranks)]
         torch.set_rng_state(rng["torch"].cpu())
         self.generator.set_state(rng["generator"].cpu())
