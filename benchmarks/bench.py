@@ -265,14 +265,21 @@ def measure_finetune_eval(model_key: str, device: torch.device, batch: int, size
     return result
 
 
+def loader_plan(workers: int, per_worker: int) -> tuple[int, int, int]:
+    """``(batch, warm-up batches, timed batches)`` for timing ``workers`` workers on ``per_worker``
+    images each: batches of 16 (fewer for tiny runs), 3 warm-up batches per worker."""
+    batch = min(LOADER_BATCH, per_worker)
+    return batch, 3 * workers, max(1, workers * per_worker // batch)
+
+
 def loader_rate(data: torch.utils.data.Dataset, sampler: list[int] | None, workers: int, per_worker: int,
                 finish: Callable[[dict], dict] = lambda batch: batch, device: torch.device = torch.device("cpu")) -> float:
     """Images/s of ``workers`` DataLoader workers over ``data``, with ``finish`` run on each batch in
-    this process (decoding on the device). Batches of 16 (fewer for tiny runs) with the DataLoader's default prefetching,
-    as in training, so that a worker never waits for this process. The clock starts once the
-    batches the workers made ahead during the warm-up are taken (3 per worker), so that it starts,
+    this process (decoding on the device). Batches as :func:`loader_plan` says, with the DataLoader's
+    default prefetching, as in training, so that a worker never waits for this process. The clock
+    starts once the batches the workers made ahead during the warm-up are taken, so that it starts,
     as it stops, with this process waiting for the workers: nothing made before it counts."""
-    batch, warmup = min(LOADER_BATCH, per_worker), 3 * workers
+    batch, warmup, timed = loader_plan(workers, per_worker)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, sampler=sampler, drop_last=True,
                                          worker_init_fn=ignore_stop_signals)
     batches = iter(loader)
@@ -280,7 +287,7 @@ def loader_rate(data: torch.utils.data.Dataset, sampler: list[int] | None, worke
         finish(next(batches))
     sync(device)
     start = time.perf_counter()
-    count = sum(len(finish(next(batches))["image"]) for _ in range(max(1, workers * per_worker // batch)))
+    count = sum(len(finish(next(batches))["image"]) for _ in range(timed))
     sync(device)
     return count / (time.perf_counter() - start)
 
@@ -289,9 +296,8 @@ def measure_data(folder: Path, min_size: int | None, workers: int, per_worker: i
     """Images/s of ``workers`` DataLoader workers reading a folder: JPEG decoding, the pretraining
     augmentation (random resized crop to ``size``, flip), collation; the photos are read again as needed."""
     dataset = UnlabeledImages(folder, transform=pretrain_transforms(size, (0.25, 1.0)), min_size=min_size, cache_dir=folder / ".cache")
-    batch = min(LOADER_BATCH, per_worker)
-    batches = 3 * workers + max(1, workers * per_worker // batch)
-    return loader_rate(dataset, [i % len(dataset) for i in range(batches * batch)], workers, per_worker)
+    batch, warmup, timed = loader_plan(workers, per_worker)
+    return loader_rate(dataset, [i % len(dataset) for i in range((warmup + timed) * batch)], workers, per_worker)
 
 
 def measure_shards(folder: Path, workers: int, per_worker: int, size: int, decode: str = "cpu",
@@ -299,8 +305,10 @@ def measure_shards(folder: Path, workers: int, per_worker: int, size: int, decod
     """The same from tar shards, as ``ddep pretrain`` reads them; ``decode="gpu"``: the workers hand
     over JPEG bytes, decoded and augmented on ``device`` in this process."""
     dataset = ShardImages(folder, pretrain_transforms(size, (0.25, 1.0)), decode=decode)
-    finish = (lambda batch: dataset.decode_batch(batch, device)) if decode == "gpu" else (lambda batch: batch)
-    return loader_rate(dataset.stream(0, 0, 1, batch_size=min(LOADER_BATCH, per_worker)), None, workers, per_worker, finish, device)
+    stream = dataset.stream(0, 0, 1, batch_size=loader_plan(workers, per_worker)[0])
+    if decode == "gpu":
+        return loader_rate(stream, None, workers, per_worker, lambda batch: dataset.decode_batch(batch, device), device)
+    return loader_rate(stream, None, workers, per_worker)
 
 
 def make_photos(folder: Path, count: int, short_side: int | None = None) -> None:

@@ -77,8 +77,8 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     path = task.output / shard_name(task.number)
     if path.exists():
         keys = set(shard_keys(path))
-        skipped = [[name, "unreadable (skipped by an earlier run)"] for name in task.files if encode_key(name) not in keys]
-        return {"file": path.name, "samples": len(keys), "bytes": path.stat().st_size, "skipped": skipped}
+        return shard_entry(path, len(keys), [[name, "unreadable (skipped by an earlier run)"] for name in task.files
+                                             if encode_key(name) not in keys])
     skipped: list[list[str]] = []
 
     def write(file) -> None:
@@ -94,7 +94,12 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
                 tar.addfile(member, io.BytesIO(data))
 
     write_atomic(path, write)
-    return {"file": path.name, "samples": len(task.files) - len(skipped), "bytes": path.stat().st_size, "skipped": skipped}
+    return shard_entry(path, len(task.files) - len(skipped), skipped)
+
+
+def shard_entry(path: Path, samples: int, skipped: list[list[str]]) -> dict[str, Any]:
+    """A shard's line in the index: its file, sample count, size and skipped files with reasons."""
+    return {"file": path.name, "samples": samples, "bytes": path.stat().st_size, "skipped": skipped}
 
 
 def previous_index(output: Path, settings: dict[str, Any], files: int, listing: str) -> dict[str, Any] | None:
@@ -180,7 +185,7 @@ def write_shards(
 
 
 def count_shard(path: Path) -> dict[str, Any]:
-    return {"file": path.name, "samples": len(shard_keys(path)), "bytes": path.stat().st_size, "skipped": []}
+    return shard_entry(path, len(shard_keys(path)), [])
 
 
 def index_shards(folder: str | os.PathLike, workers: int | None = None) -> dict[str, Any]:
