@@ -51,15 +51,15 @@ def ade20k(root: Path, count: int = 3, values=(0, 1, 150)) -> Path:
     return root
 
 
-def pascal_context(root: Path, names=("2008_000002", "2008_000003")) -> Path:
+def pascal_context(root: Path, names=("2008_000002", "2008_000003"), val=("2008_000004",)) -> Path:
     base = root / "VOC2010"
-    for i, name in enumerate(names):
+    for i, name in enumerate((*names, *val)):
         save(rgb(i), base / "JPEGImages" / f"{name}.jpg")
         save(mask([0, 1, 59]), base / "SegmentationClassContext" / f"{name}.png")
     lists = base / "ImageSets" / "SegmentationContext"
     lists.mkdir(parents=True, exist_ok=True)
     (lists / "train.txt").write_text("\n".join(names) + "\n")
-    (lists / "val.txt").write_text(names[0] + "\n")
+    (lists / "val.txt").write_text("\n".join(val) + "\n")
     return root
 
 
@@ -83,20 +83,21 @@ def engine_tree(root: Path) -> Path:
 
 
 def interrupt_after(monkeypatch, stage: str, args: list[str], step: int) -> None:
-    """Run ``ddep STAGE ARGS`` in this process and crash it (KeyboardInterrupt) right after ``step``."""
+    """Run ``ddep STAGE ARGS`` in this process and crash it (KeyboardInterrupt) right after ``step``
+    and the loop's work on it (its checkpoint, when one is due, included)."""
     import pytest
 
     from ddep.cli import main
     from ddep.engine import trainer
 
-    original = trainer.Trainer._after_step
+    original = trainer.Trainer._end_of_step
 
     def crash(self):
         original(self)
         if self.step == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer.Trainer, "_after_step", crash)
+    monkeypatch.setattr(trainer.Trainer, "_end_of_step", crash)
     with pytest.raises(KeyboardInterrupt):
         main([stage, *args])
-    monkeypatch.setattr(trainer.Trainer, "_after_step", original)
+    monkeypatch.setattr(trainer.Trainer, "_end_of_step", original)

@@ -69,9 +69,14 @@ def weights(path):
     return load_checkpoint(path)["model"]
 
 
+#: smp's FPN on timm's test ResNet: a decoder with dropout (0.2), whose draws a resumed run must repeat
+DROPOUT_MODEL = ["model.arch=smp:FPN", "model.encoder=tu-test_resnet"]
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, monkeypatch, stage):
     args = ["data.root=data/images", *PRETRAIN] if stage == "pretrain" else ["data.root=data", *FINETUNE]
+    args += DROPOUT_MODEL
     run(stage, *args, "name=straight")
 
     interrupt_after(monkeypatch, stage, [*args, "name=interrupted"], step=2)
@@ -155,7 +160,7 @@ def test_the_final_checkpoint_is_written_once_after_the_final_evaluation(data, m
 
     monkeypatch.setattr(trainer_module.Trainer, "save", record)
     run("finetune", "data.root=data", *FINETUNE)
-    # at step 2 the periodic checkpoint comes before that step's evaluation; at step 4 only the loop's
+    # at step 2 the periodic checkpoint, after that step's evaluation; at step 4 only the loop's
     assert [s for s in saves if s[0] == "last.pt"] == [("last.pt", 2, False), ("last.pt", 4, True)]
 
 

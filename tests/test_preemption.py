@@ -1,5 +1,6 @@
 """Preemption: stop signals end a run after the step in flight with a checkpoint, --resume auto
 continues it, and torchrun's elastic restarts continue from the last checkpoint."""
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from fake_data import FINETUNE, PRETRAIN
 from ddep.cli import main
 from ddep.engine import checkpoint as checkpoint_module
+from ddep.engine import finetune as finetune_module
 from ddep.engine import trainer as trainer_module
 from ddep.engine.checkpoint import load_checkpoint
 from ddep.engine.preemption import EXIT_PREEMPTED
@@ -48,6 +50,36 @@ def test_sigterm_mid_step_finishes_the_step_saves_and_resume_auto_gives_the_same
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
     assert main([stage, *ARGS[stage], *ACCUM, "name=stopped", "--resume", "auto"]) == 0
     assert_same_weights(final_weights("straight"), final_weights("stopped"))
+
+
+def test_a_run_stopped_where_a_checkpoint_and_a_held_out_evaluation_are_due_chooses_as_an_uninterrupted_one(data, monkeypatch):
+    """The checkpoint at such a step records that step's evaluation and best score: the resumed
+    run neither skips the evaluation nor replaces a better best.pt by comparing with a stale best."""
+    scores = {1: 10.0, 2: 50.0, 3: 20.0, 4: 30.0, 5: 40.0, 6: 45.0}  # held-out mIoU by step: the best at step 2
+    steps, original_step, original_evaluate = [], trainer_module.Trainer._after_step, finetune_module.evaluate_model
+
+    def record_step(self):
+        steps.append(self.step)
+        original_step(self)
+
+    def scripted(model, dataset, *args, **kwargs):
+        metrics = original_evaluate(model, dataset, *args, **kwargs)
+        return {**metrics, "mIoU": scores[steps[-1]]} if len(dataset) == 3 else metrics  # the 3 held-out images
+
+    monkeypatch.setattr(trainer_module.Trainer, "_after_step", record_step)
+    monkeypatch.setattr(finetune_module, "evaluate_model", scripted)
+    args = ["data.root=data", *FINETUNE, "steps=6", "data.select_fraction=0.34", "eval_every=1", "checkpoint_every=2"]
+    assert main(["finetune", *args, "name=straight"]) == 0
+    with monkeypatch.context() as patch:
+        signal_on_micro_batch(patch, {2})  # during step 2, at which a checkpoint and an evaluation are due
+        assert main(["finetune", *args, "name=stopped"]) == EXIT_PREEMPTED
+    assert load_checkpoint("runs/stopped/checkpoints/last.pt")["extra"]["best_step"] == 2
+    assert main(["finetune", *args, "name=stopped", "--resume", "auto"]) == 0
+    for name in ("straight", "stopped"):
+        metrics = json.loads(Path(f"runs/{name}/metrics.json").read_text())
+        assert (metrics["selected_step"], metrics["select_mIoU"]) == (2, 50.0), name
+    assert_same_weights(load_checkpoint("runs/straight/checkpoints/best.pt")["model"],
+                        load_checkpoint("runs/stopped/checkpoints/best.pt")["model"])
 
 
 def test_a_second_signal_during_the_save_changes_nothing(data, monkeypatch, capsys):

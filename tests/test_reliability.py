@@ -1,4 +1,5 @@
 """Crashes cost minutes, not runs: SIGKILL at random points, damaged and planted checkpoints."""
+import errno
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from fake_data import FINETUNE, PRETRAIN, interrupt_after
+from ddep.atomic import write_atomic
 from ddep.cli import main
 from ddep.engine import trainer as trainer_module
 from ddep.engine.checkpoint import load_checkpoint, previous_checkpoint
@@ -194,6 +196,67 @@ def test_a_nearly_full_disk_is_refused_before_the_first_step(data, monkeypatch, 
     assert not Path("runs/pretrain/checkpoints").exists()
 
 
+def test_a_full_disk_during_a_save_names_the_file_leaves_no_temporary_and_the_run_resumes(data, monkeypatch, capsys):
+    args = [*ARGS["finetune"], "checkpoint_every=1", "eval_every=0"]
+    assert main(["finetune", *args, "name=straight"]) == 0
+    original = trainer_module.save_checkpoint
+
+    def disk_full_at_step_2(state, path, **kwargs):
+        if state["step"] != 2:
+            return original(state, path, **kwargs)
+
+        def write_half(f):
+            f.write(b"x" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        write_atomic(path, write_half)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "save_checkpoint", disk_full_at_step_2)
+        assert main(["finetune", *args, "name=full"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("ddep finetune: error: [Errno 28] cannot write runs/full/checkpoints/last.pt: No space left on device "
+                       "at step 2; the run continues from runs/full/checkpoints/last.pt (step 1) with the same command and "
+                       "--resume auto once there is space")
+    assert sorted(p.name for p in Path("runs/full/checkpoints").iterdir()) == ["last.pt"]  # no temporary left
+    assert load_checkpoint("runs/full/checkpoints/last.pt")["step"] == 1
+    assert main(["finetune", *args, "name=full", "--resume", "auto"]) == 0
+    assert_same_weights(final_weights("straight"), final_weights("full"))
+
+
+def test_a_resumed_run_counts_the_checkpoints_it_replaces_as_free_space(data, monkeypatch, capsys, stage="pretrain"):
+    """Two checkpoints' worth of free space is too little for a new run (the last, the one before,
+    one being written, the best and the model) but enough for one that already holds two."""
+    from collections import namedtuple
+
+    interrupt_after(monkeypatch, stage, [*ARGS[stage], "checkpoint_every=1"], step=2)
+    checkpoint = Path(f"runs/{stage}/checkpoints/last.pt").stat().st_size
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage(2**40, 2**40, 2 * checkpoint))
+    assert main([stage, *ARGS[stage], "checkpoint_every=1", "name=new"]) == 1
+    assert "this run's checkpoints need about" in capsys.readouterr().err
+    assert main([stage, *ARGS[stage], "checkpoint_every=1", "--resume", "auto"]) == 0
+
+
+def test_a_resume_that_cannot_load_changes_nothing_in_the_run_folder(data, monkeypatch, capsys):
+    """Resuming with an init of another architecture: one line naming both, and the run as it was."""
+    fpn = ["model.arch=smp:FPN", "model.encoder=tu-test_resnet"]
+    assert main(["pretrain", *ARGS["pretrain"], *fpn, "steps=1", "name=fpn"]) == 0
+    args = [*ARGS["finetune"], "init=runs/pretrain/model"]
+    assert main(["pretrain", *ARGS["pretrain"], "steps=1"]) == 0
+    interrupt_after(monkeypatch, "finetune", args, step=2)
+    before = {p: p.read_bytes() for p in Path("runs/finetune").rglob("*") if p.is_file()}
+    without_model = [arg for arg in ARGS["finetune"] if not arg.startswith("model.")]
+    assert main(["finetune", *without_model, "init=runs/fpn/model", "--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == (
+        "ddep finetune: error: runs/finetune/checkpoints/last.pt holds a unet on resnet18 (decoder_width 1, 3 classes) model "
+        "but this run builds a smp:FPN on tu-test_resnet (decoder_width 1, 3 classes) model: resume with the run's own "
+        "settings (its config.yaml), or name=... for a new run")
+    assert {p: p.read_bytes() for p in Path("runs/finetune").rglob("*") if p.is_file()} == before
+    assert main(["finetune", *args, "--resume", "auto"]) == 0
+
+
 def test_out_of_memory_suggests_a_smaller_batch(data, monkeypatch, capsys):
     from ddep.engine import pretrain as pretrain_module
 
@@ -212,6 +275,14 @@ def test_a_transunet_crop_that_is_not_a_multiple_of_16_is_refused_before_any_wor
     assert main(["pretrain", "data.root=data/images", "model.arch=transunet", "data.crop_size=40"]) == 1
     assert "data.crop_size=40: TransUNet needs a multiple of 16 (its patch size), e.g. 48" in capsys.readouterr().err
     assert not Path("runs").exists()
+    # a TransUNet that init brings is checked as early
+    tiny = "model.options={depth: 1, embed_dim: 64, num_heads: 2, resnet_layers: [1, 1, 1], resnet_width: 0.5}"
+    common = ["data.num_workers=0", "progress=false", "data.batch_size=2", "steps=1", "data.crop_size=32"]
+    transunet = ["model.arch=transunet", "model.encoder=vit_base_r50_s16_224", tiny]
+    assert main(["pretrain", "data.root=data/images", *transunet, *common, "name=tu"]) == 0
+    assert main(["finetune", "data.root=data", "data.options.num_classes=3", "init=runs/tu/model", *common, "data.crop_size=40"]) == 1
+    assert "data.crop_size=40: TransUNet needs a multiple of 16" in capsys.readouterr().err
+    assert not Path("runs/finetune").exists()
 
 
 def broken_corpus(root: Path, monkeypatch) -> dict[str, str]:

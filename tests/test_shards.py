@@ -107,7 +107,8 @@ def test_a_rerun_after_a_crash_keeps_finished_shards_and_writes_the_same_bytes(t
         write_shards(source, out, **settings)
     finished = sorted(p.name for p in out.glob("shard-*.tar"))
     assert finished == ["shard-000000.tar"]  # the half-written one never carries its final name
-    assert [p.name for p in out.glob(".shard-000001.tar.tmp*")]
+    assert not list(out.glob(".shard-000001.tar.tmp*"))  # an interrupt unwinds: its temporary is removed
+    (out / ".shard-000001.tar.tmp999999999").write_bytes(b"half")  # what a SIGKILLed writer leaves
     with pytest.raises(DataError, match="the shards are not finished; run the same `ddep shards` command again"):
         ShardImages(out)
 

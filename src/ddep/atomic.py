@@ -13,18 +13,28 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], k
 
     With ``keep_previous``, the file being replaced is first linked (or copied) there, so that
     ``path`` exists at every moment: a crash leaves the old file at ``path`` and ``keep_previous``,
-    or the new one at ``path`` and the old at ``keep_previous``."""
+    or the new one at ``path`` and the old at ``keep_previous``.
+
+    A failure (a full disk, say) removes the temporary file and raises an ``OSError`` that names
+    ``path``: a write error names no file by itself."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous is not None and path.exists():
-        _link_or_copy(path, Path(keep_previous))
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            _link_or_copy(path, Path(keep_previous))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -39,7 +49,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
     tmp.replace(target)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the renames themselves durable (where the OS allows opening a folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -61,12 +71,12 @@ def remove_stale_temporaries(folder: Path) -> None:
     """Delete ``.NAME.tmpPID`` files left by processes killed while saving (not a live one's)."""
     for stale in folder.glob(".*.tmp*"):
         pid = stale.name.rpartition(".tmp")[2]
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             continue
         stale.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

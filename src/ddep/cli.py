@@ -30,13 +30,22 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_splits(args: argparse.Namespace) -> int:
-    """Write seeded, nested label-fraction split files for a dataset's training images."""
+    """Write seeded, nested label-fraction split files for a dataset's training images, or hold a
+    val split out of them."""
     from .config import parse_key_value
     from .data import build_dataset
-    from .data.splits import split_hash, write_splits
+    from .data.splits import split_hash, write_splits, write_val_split
 
+    if bool(args.fractions) == bool(args.val):
+        raise ValueError("ddep splits needs --fractions (label fractions) or --val (a held-out val split), one of them")
     options = dict(parse_key_value(item, "-o option") for item in args.option)
     dataset = build_dataset(args.dataset, args.root, split=args.split, **options)
+    if args.val:
+        for seed in args.seeds:
+            train, val = write_val_split(args.dataset, dataset.pairs, args.val, seed, args.out)
+            print(f"{val}  {len(val.read_text().splitlines())} of {len(dataset)} images held out; fine-tune with "
+                  f"data.options.split_file={train} data.val_split_file={val}")
+        return 0
     for path, pairs in write_splits(args.dataset, dataset.pairs, args.fractions.split(","), args.seeds, args.out):
         print(f"{path}  {len(pairs)} of {len(dataset)} images  hash {split_hash(pairs)}")
     return 0
@@ -148,7 +157,7 @@ RUN_COMMANDS = {
     "pretrain": "denoising pretraining of the decoder (DDeP) or the whole model (DeP)",
     "finetune": "fine-tune on labeled images from a pretraining checkpoint, an encoder, or scratch",
     "evaluate": "mIoU of a checkpoint on a labeled split (whole, slide, flip and multi-scale)",
-    "predict": "class-id masks and colour overlays for a folder of images",
+    "predict": "class-id masks and colour overlays for an image or a folder of images (never over an existing file)",
     "export": "a checkpoint as safetensors + JSON config, smp's own folder for smp models (optionally ONNX)",
 }
 
@@ -179,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.set_defaults(run=cmd_experiment)
     models = commands.add_parser("models", help="list architectures, their options and offline encoder weights")
     models.set_defaults(run=cmd_models)
-    splits = commands.add_parser("splits", help="write label-fraction split files (nested, seeded)")
+    splits = commands.add_parser("splits", help="write label-fraction split files (nested, seeded), or hold out a val split")
     splits.add_argument("--dataset", required=True, help="cityscapes, ade20k, pascal_context or folder")
     splits.add_argument("--root", required=True, help="the dataset root folder")
-    splits.add_argument("--fractions", required=True, help="comma-separated: fractions (1/30, 0.05) or image counts (100)")
+    splits.add_argument("--fractions", help="label fractions, comma-separated: fractions (1/30, 0.05) or image counts (100)")
+    splits.add_argument("--val", metavar="AMOUNT", help="instead, hold AMOUNT (0.2, or a count) out as a val split: "
+                                                        "train.txt and val.txt, for a folder without a val folder")
     splits.add_argument("--seeds", type=comma_ints, default=[0], help="comma-separated seeds (default: 0)")
     splits.add_argument("--out", default="splits", help="output folder (default: splits)")
     splits.add_argument("--split", default="train", help="the split to draw from (default: train)")

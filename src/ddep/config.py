@@ -71,20 +71,28 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "photometric": False,  # mmseg's PhotoMetricDistortion on the image
                  "labeled": None, "labeled_seed": 0,
                  "select_fraction": 0.0,  # held out of the labeled images to choose a checkpoint on (0: none, the final one)
-                 "val_split": "val", "val_batch_size": 1},
+                 "val_split": "val", "val_batch_size": 1,
+                 "val_split_file": None,  # the reported images as a split file, instead of the val_split folder
+                 "allow_trained_images": False},  # report on a split that shares images with the trained ones (never do)
         "eval": EVAL,
         "eval_every": 500,
     },
     "evaluate": {
         **COMMON,
         "checkpoint": None,
-        "data": {**DATA, "dataset": "folder", "split": "val", "batch_size": 1},
+        "data": {**DATA, "dataset": "folder", "split": "val", "batch_size": 1,
+                 "allow_trained_images": False},  # evaluate on images the model was trained on (never report it)
         "eval": EVAL,
     },
     "predict": {
         "checkpoint": None, "input": None, "output": None, "device": "auto", "eval": EVAL,
+        "overwrite": False,  # replace output files that already exist (never input images)
     },
-    "export": {"checkpoint": None, "output": None, "onnx": False, "onnx_size": [512, 512]},
+    "export": {
+        "checkpoint": None, "output": None, "onnx": False, "onnx_size": [512, 512],
+        "overwrite": False,  # write into a folder holding files export did not write (they are kept)
+        "verbose": False,  # show the ONNX exporter's INFO lines
+    },
 }
 # The paper's fine-tuning learning rates per decoder width (Adam, cosine decay).
 PAPER_FINETUNE_LR = {1: 6e-5, 2: 1e-4, 3: 6e-5}
@@ -95,6 +103,7 @@ DEFAULTS["finetune"]["optim"] = {**TRAIN["optim"], "lr": None}  # None: PAPER_FI
 NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str, "steps": int, "init": str, "checkpoint": str, "model.encoder_weights": str, "input": str, "output": str,
     "optim.lr": float, "optim.clip_grad_norm": float, "checkpoint_minutes": float, "data.root": str, "data.labeled": (str, int, float), "data.scale": list,
+    "data.val_split_file": str,
     "eval.crop_size": list, "eval.stride": list, "eval.size_divisor": int, "eval.test_scale": list,
 }
 
@@ -195,7 +204,11 @@ def parse_key_value(text: str, what: str = "override") -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"{what} must look like key=value, got {text!r}")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:  # e.g. an unquoted "{a: 1}" that the shell split at its space
+        raise ConfigError(f"{what} {text!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote values "
+                          "that hold spaces, e.g. 'data.options={num_classes: 2}'") from None
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)
     return key.strip(), value

@@ -28,17 +28,22 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def label_lut(id_map: dict[int, int] | None = None, reduce_zero_label: bool = False) -> np.ndarray:
+def label_lut(id_map: dict[int, int] | None = None, reduce_zero_label: bool = False,
+              label_map: dict[int, int] | None = None) -> np.ndarray:
     """A 256-entry lookup table from stored mask values to class ids.
 
     ``id_map`` sends listed values to ids and every other value to 255 (Cityscapes labelIds);
-    ``reduce_zero_label`` sends 0 to 255 and k to k - 1, keeping 255 (ADE20K, Pascal Context).
+    ``label_map`` sends listed values to ids and keeps the others (a user's ``{255: 1}``);
+    ``reduce_zero_label`` then sends 0 to 255 and k to k - 1, keeping 255 (ADE20K, Pascal
+    Context): mmsegmentation's order (``mmseg/datasets/transforms/loading.py``, LoadAnnotations).
     """
     lut = np.arange(256, dtype=np.int64)
     if id_map is not None:
         lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
         for source, target in id_map.items():
             lut[source] = target
+    for source, target in (label_map or {}).items():
+        lut[source] = target
     if reduce_zero_label:
         lut = np.where(lut == 0, IGNORE_INDEX, np.where(lut == IGNORE_INDEX, IGNORE_INDEX, lut - 1))
     return lut.astype(np.uint8)  # masks come out as uint8, as the PIL images they become
@@ -215,13 +220,22 @@ class PascalContext59(SegmentationDataset):
         super().__init__(root, pairs, PASCAL_CONTEXT_59_CLASSES, transform, lut=label_lut(reduce_zero_label=True))
 
 
+#: Sub-folder names that mark ``<img_dir>`` as split into folders (mmsegmentation's and the usual ones).
+SPLIT_FOLDERS = ("train", "val", "test", "training", "validation", "trainval")
+
+
 class FolderDataset(SegmentationDataset):
     """A user's own data: ``<root>/<img_dir>`` and ``<root>/<ann_dir>`` matched by relative path
-    and stem (masks are PNG). When ``<img_dir>/<split>`` exists, that subfolder is the split.
+    and stem (masks are PNG). When ``<img_dir>/<split>`` exists, that subfolder is the split; when
+    ``<img_dir>`` has other split folders (``train``, ``val``, ...) but not that one, the split is
+    an error; otherwise (one flat folder) every split is the whole folder, which fine-tuning and
+    evaluation refuse to report on when it holds trained images.
 
     Give ``num_classes`` or ``classes_file`` (one class name per line). Masks hold class ids; with
-    ``reduce_zero_label`` 0 is ignored and k becomes k - 1; with ``palette`` (one RGB colour per
-    class) RGB masks are mapped to ids.
+    ``label_map`` (``{stored value: class id}``, e.g. ``{255: 1}`` for binary masks stored as
+    0/255) listed values become those ids; with ``reduce_zero_label`` 0 is ignored and k becomes
+    k - 1; with ``palette`` (one RGB colour per class) RGB masks are mapped to ids. ``sparse_labels``
+    says that masks are mostly 255 (unlabelled) on purpose (see :func:`check_label_encoding`).
     """
 
     def __init__(
@@ -236,17 +250,29 @@ class FolderDataset(SegmentationDataset):
         classes_file: str | os.PathLike | None = None,
         reduce_zero_label: bool = False,
         palette: Sequence[Sequence[int]] | None = None,
+        label_map: dict[int, int] | None = None,
+        sparse_labels: bool = False,
     ) -> None:
         root = require_dir(Path(root), "dataset root")
         classes = self.read_classes(num_classes, classes_file)
+        check_label_map(label_map, len(classes), reduce_zero_label)
         if split_file:
             pairs = read_split_file(split_file, root)
         else:
             image_dir, mask_dir = root / img_dir, root / ann_dir
+            require_dir(image_dir, "image folder")
             if (image_dir / split).is_dir():
                 image_dir, mask_dir = image_dir / split, mask_dir / split
+            else:
+                splits = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and p.name in SPLIT_FOLDERS)
+                if splits:
+                    raise DataError(f"{image_dir / split} not found ({image_dir} is split into {', '.join(splits)}): put the "
+                                    f"{split} images there and their masks in {mask_dir / split}, or name another split")
             pairs = _pairs_by_stem(image_dir, mask_dir, root, IMAGE_EXTENSIONS)
-        super().__init__(root, pairs, classes, transform, lut=label_lut(reduce_zero_label=reduce_zero_label), palette=palette)
+        self.flat = not split_file and image_dir == root / img_dir  # one folder: every split is the whole of it
+        self.sparse_labels = sparse_labels
+        lut = label_lut(reduce_zero_label=reduce_zero_label, label_map=label_map)
+        super().__init__(root, pairs, classes, transform, lut=lut, palette=palette)
 
     @staticmethod
     def read_classes(num_classes: int | None, classes_file: str | os.PathLike | None) -> tuple[str, ...]:
@@ -263,3 +289,58 @@ class FolderDataset(SegmentationDataset):
         if not isinstance(num_classes, int) or not 1 <= num_classes <= IGNORE_INDEX:
             raise DataError(f"folder dataset needs num_classes (1..255) or classes_file; got num_classes={num_classes!r}")
         return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def check_label_map(label_map: dict[int, int] | None, num_classes: int, reduce_zero_label: bool) -> None:
+    """``label_map``: stored values 0..255 to class ids 0..K-1 or 255 (ignore); with
+    ``reduce_zero_label``, which comes after it (as in mmsegmentation's LoadAnnotations), to 0..K or 255."""
+    if label_map is None:
+        return
+    if not isinstance(label_map, dict) or not label_map:
+        raise DataError(f"label_map must map stored mask values to class ids, e.g. {{255: 1}}; got {label_map!r}")
+    top = num_classes if reduce_zero_label else num_classes - 1
+    for source, target in label_map.items():
+        if not _is_int(source) or not 0 <= source <= 255:
+            raise DataError(f"label_map key {source!r}: expected a stored mask value 0..255")
+        if not _is_int(target) or not (0 <= target <= top or target == IGNORE_INDEX):
+            after = " (before reduce_zero_label)" if reduce_zero_label else ""
+            raise DataError(f"label_map[{source}] = {target!r}: expected a class id 0..{top}{after} or {IGNORE_INDEX} (ignore)")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+#: Masks read by :func:`check_label_encoding` at most (spread over the set): the encoding is a
+#: property of the whole set, visible in a few hundred of its masks.
+ENCODING_SAMPLE = 500
+
+
+def check_label_encoding(dataset: Dataset, indices: Sequence[int] | None = None, what: str = "labeled set") -> None:
+    """Refuse a user's masks whose encoding would silently drop classes, before any training.
+
+    255 is the ignore index, so binary masks stored as 0/255 would train and evaluate on class 0
+    alone (and report a high score). Refused: masks whose class ids are only 0 besides 255, and
+    masks where 255 covers most pixels while some class never appears (unless ``sparse_labels``).
+    Only :class:`FolderDataset`: the benchmarks' encodings are known."""
+    if not isinstance(dataset, FolderDataset) or dataset.num_classes < 2:
+        return
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    if len(indices) > ENCODING_SAMPLE:
+        indices = [indices[i * len(indices) // ENCODING_SAMPLE] for i in range(ENCODING_SAMPLE)]
+    counts = np.zeros(256, dtype=np.int64)
+    for index in indices:
+        counts += np.bincount(dataset.load_mask(dataset.root / dataset.pairs[index][1]).ravel(), minlength=256)[:256]
+    present = [k for k in range(dataset.num_classes) if counts[k]]
+    ignored = counts[IGNORE_INDEX] / max(1, counts.sum())
+    example = dataset.root / dataset.pairs[indices[0]][1]
+    where = f"the {len(indices)} masks of the {what} (e.g. {example})"
+    if counts[IGNORE_INDEX] and present == [0]:
+        raise DataError(f"{where} hold only 0 and 255, and 255 is the ignore index: every pixel but class 0 would be dropped. "
+                        "Binary masks stored as 0/255: 'data.options.label_map={255: 1}' (with num_classes 2)")
+    missing = [k for k in range(dataset.num_classes) if not counts[k]]
+    if ignored > 0.5 and missing and not dataset.sparse_labels:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise DataError(f"in {where} 255 (ignore) covers {ignored:.0%} of the pixels and class {shown} never appears: if 255 "
+                        f"marks a class, map it ('data.options.label_map={{255: {missing[0]}}}'); if the masks are sparse on "
+                        "purpose, data.options.sparse_labels=true")

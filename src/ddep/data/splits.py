@@ -91,6 +91,51 @@ def write_splits(
     return written
 
 
+def image_keys(dataset) -> set[str]:
+    """What identifies each image of a dataset across splits: its resolved path (a split folder and
+    a split file naming the same file agree), or its name where there are no files (the demo)."""
+    root = getattr(dataset, "root", None)
+    return {str((Path(root) / image).resolve()) if root is not None else image for image, _ in dataset.pairs}
+
+
+#: The training split of a fine-tuning run, in its folder: what ``ddep evaluate`` checks a reported split against.
+TRAIN_RECORD = "train_split.txt"
+
+
+def write_train_record(run_dir: str | os.PathLike, dataset) -> Path:
+    """``<run>/train_split.txt``: the training split's images, one resolved path (or name) per line."""
+    keys = sorted(image_keys(dataset))
+    text = f"# the training split this run drew its labeled images from ({len(keys)} images)\n" + "".join(f"{k}\n" for k in keys)
+    return write_text_atomic(Path(run_dir) / TRAIN_RECORD, text)
+
+
+def read_train_record(model_path: str | os.PathLike) -> tuple[Path, set[str]] | None:
+    """The training split recorded by the run a model comes from (``runs/x/model``,
+    ``runs/x/checkpoints/last.pt``), or None when there is no record (a model from elsewhere)."""
+    path = Path(model_path)
+    for run_dir in (path.parent, path.parent.parent):
+        record = run_dir / TRAIN_RECORD
+        if record.is_file():
+            return record, {line for line in record.read_text().splitlines() if line and not line.startswith("#")}
+    return None
+
+
+def write_val_split(
+    dataset: str, pairs: Sequence[tuple[str, str]], amount: str, seed: int, out: str | os.PathLike
+) -> tuple[Path, Path]:
+    """Hold ``amount`` of the pairs out as a reported split: ``<out>/<dataset>/val<amount>/seed<k>/``
+    ``train.txt`` and ``val.txt``, disjoint (for a folder of images without a val folder). The
+    draw is another seeded stream than the label fractions', so that ``labeled.txt`` files made
+    from the same pairs are not the val images."""
+    held = set(np.random.default_rng([seed, 2]).permutation(len(pairs))[: num_selected(parse_amount(amount), len(pairs))].tolist())
+    if len(held) >= len(pairs):
+        raise DataError(f"--val {amount} of {len(pairs)} images leaves none to train on")
+    folder = Path(out) / dataset / f"val{amount_name(amount)}" / f"seed{seed}"
+    train = write_text_atomic(folder / "train.txt", split_lines([p for i, p in enumerate(pairs) if i not in held]))
+    val = write_text_atomic(folder / "val.txt", split_lines([p for i, p in enumerate(pairs) if i in held]))
+    return train, val
+
+
 class LabeledSubset(Dataset):
     """The chosen items of a labeled dataset, keeping its ``classes``, ``pairs`` and ``transform``."""
 
@@ -99,6 +144,7 @@ class LabeledSubset(Dataset):
         pairs = dataset.pairs  # may be built on each access (the demo data's are)
         self.pairs = [pairs[i] for i in self.indices]
         self.classes, self.num_classes = dataset.classes, dataset.num_classes
+        self.root = getattr(dataset, "root", None)
 
     @property
     def transform(self):

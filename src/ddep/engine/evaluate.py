@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import build_dataset
 from ..atomic import write_text_atomic
-from ..data.splits import split_hash
+from ..data.io import DataError
+from ..data.labeled import check_label_encoding
+from ..data.splits import image_keys, read_train_record, split_hash
 from ..data.transforms import eval_transforms
 from ..inference import describe_mode, eval_for_model, predict
 from ..metrics import SegMetric
@@ -65,6 +67,20 @@ def write_metrics(path: Path, metrics: dict[str, Any], eval_config: dict[str, An
     write_text_atomic(path, json.dumps(record, indent=2))
 
 
+def trained_images(checkpoint: str, dataset, allow: bool) -> int | None:
+    """How many of ``dataset``'s images the run that made ``checkpoint`` trained on (its training
+    split's record), None without a record; any is refused unless ``allow``."""
+    record = read_train_record(checkpoint)
+    if record is None:
+        return None
+    shared = len(image_keys(dataset) & record[1])
+    if shared and not allow:
+        raise DataError(f"{shared} of these {len(dataset)} images are in the training split of {checkpoint} (listed in "
+                        f"{record[0]}): evaluate on images it was not trained on (data.allow_trained_images=true evaluates "
+                        "anyway: a number never to publish)")
+    return shared
+
+
 def evaluate(config: dict[str, Any]) -> Path:
     """``ddep evaluate``: a checkpoint or exported model on a labeled split."""
     if not config["checkpoint"]:
@@ -74,13 +90,16 @@ def evaluate(config: dict[str, Any]) -> Path:
     dataset = build_dataset(data["dataset"], data["root"], data["split"], transform=eval_transforms(model.config["mean"], model.config["std"]), **data["options"])
     if model.config["classes"] != dataset.num_classes:
         raise ValueError(f"{config['checkpoint']} predicts {model.config['classes']} classes but {data['dataset']} has {dataset.num_classes}")
+    trained = trained_images(config["checkpoint"], dataset, data["allow_trained_images"])
+    check_label_encoding(dataset, None, f"{data['options'].get('split_file') or data['split']} split")
     run = start_run(config, training=False)
     try:
         model.to(run.device)
         eval_config = eval_for_model(config["eval"], model)
         metrics = evaluate_model(model, dataset, eval_config, run.device, run.dist)
         if run.dist.is_main:
-            write_metrics(run.dir / "metrics.json", metrics, eval_config, dataset, model_file(config["checkpoint"]))
+            write_metrics(run.dir / "metrics.json", metrics, eval_config, dataset, model_file(config["checkpoint"]),
+                          trained_images=trained)
             print(f"mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc {metrics['mAcc']:.2f}  ({len(dataset)} images)")
         return run.dir
     finally:

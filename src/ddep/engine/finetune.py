@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..config import PAPER_FINETUNE_LR
+from ..config import DEFAULTS, PAPER_FINETUNE_LR
 from ..data import build_dataset
-from ..data.splits import LabeledSubset, hold_out, labeled_indices, split_hash
+from ..data.io import DataError
+from ..data.labeled import check_label_encoding
+from ..data.splits import LabeledSubset, hold_out, image_keys, labeled_indices, split_hash, write_train_record
 from ..data.transforms import IGNORE_INDEX, eval_transforms, train_transforms
 from ..inference import eval_for_model
 from ..models import SegmentationModel, build_model
+from ..models.registry import config_options, describe_model
 from ..models.saving import load_model, read_model_config, save_model
 from .checkpoint import checkpoint_path
 from .distributed import barrier, shutdown
@@ -33,29 +36,74 @@ class FinetuneData(NamedTuple):
     train: Dataset  # the labeled images trained on
     select: Dataset | None  # held out of the labeled images to choose a checkpoint on, or None
     val: Dataset  # the reported split
+    pool: Dataset  # the training split the labeled images are drawn from
 
 
 def finetune_data(config: dict[str, Any]) -> FinetuneData:
-    """The training, held-out and validation sets of ``config`` (without transforms)."""
+    """The training, held-out and validation sets of ``config`` (without transforms), and the
+    training split they are drawn from; a reported split that shares images with that split, or
+    masks that would silently drop classes, are refused here, before a run folder exists."""
     data = config["data"]
 
     def split(name: str, **options: Any) -> Dataset:
         return build_dataset(data["dataset"], data["root"], name, **options)
 
     labeled = split(data["split"], **data["options"])
+    val = split(data["val_split"], **_val_options(data))
+    check_reported_split(val, labeled, data)
     indices = labeled_indices(labeled, data["labeled"], data["labeled_seed"])
     if not data["select_fraction"]:
-        return FinetuneData(LabeledSubset(labeled, indices), None, split(data["val_split"], **_val_options(data)))
-    if config["eval_every"] < 1:
-        raise ValueError("data.select_fraction chooses a checkpoint among the periodic evaluations: set eval_every > 0")
-    trained, held = hold_out(indices, data["select_fraction"], data["labeled_seed"])
-    # the held-out images get evaluation transforms: a dataset of their own, not the training set's
-    held_set = LabeledSubset(split(data["split"], **data["options"]), held)
-    return FinetuneData(LabeledSubset(labeled, trained), held_set, split(data["val_split"], **_val_options(data)))
+        sets = FinetuneData(LabeledSubset(labeled, indices), None, val, labeled)
+    else:
+        if config["eval_every"] < 1:
+            raise ValueError("data.select_fraction chooses a checkpoint among the periodic evaluations: set eval_every > 0")
+        trained, held = hold_out(indices, data["select_fraction"], data["labeled_seed"])
+        # the held-out images get evaluation transforms: a dataset of their own, not the training set's
+        sets = FinetuneData(LabeledSubset(labeled, trained), LabeledSubset(split(data["split"], **data["options"]), held), val, labeled)
+    check_label_encoding(labeled, indices, "labeled images")
+    check_label_encoding(val, None, f"{data['val_split_file'] or data['val_split']} split")
+    return sets
 
 
 def _val_options(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data["options"].items() if k != "split_file"}
+    options = {k: v for k, v in data["options"].items() if k != "split_file"}
+    return {**options, "split_file": data["val_split_file"]} if data["val_split_file"] else options
+
+
+def check_reported_split(val: Dataset, train: Dataset, data: dict[str, Any]) -> None:
+    """Refuse a reported split that shares images with the training split (a flat folder, whose
+    every split is the whole folder, say), unless ``data.allow_trained_images``."""
+    shared = len(image_keys(val) & image_keys(train))
+    if not shared or data["allow_trained_images"]:
+        return
+    described = f"data.val_split_file={data['val_split_file']}" if data["val_split_file"] else f"data.val_split={data['val_split']!r}"
+    flat = " (one flat folder of images: every split is all of it)" if getattr(val, "flat", False) else ""
+    options = "".join(f" -o {k}={v}" for k, v in data["options"].items() if k != "split_file" and isinstance(v, (int, str)))
+    raise DataError(
+        f"the reported split ({described}, {len(val)} images) shares {shared} images with the training split{flat}: report on "
+        f"images never trained on: hold some out with `ddep splits --dataset {data['dataset']} --root {data['root']} --val 0.2"
+        f"{options}` and pass the data.options.split_file and data.val_split_file it prints, or give the dataset a val split "
+        "(a folder dataset: images/val and masks/val) (data.allow_trained_images=true reports on them anyway: a number never "
+        "to publish)")
+
+
+def with_init(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` whose ``model`` section describes the model ``init`` brings, so that the run's
+    config.yaml records what was trained. A ``model`` setting (not left at its default) that
+    contradicts it is refused: it would be ignored. ``encoder_weights`` is kept as given (a recipe
+    sets it for the no-init baseline; with ``init`` every weight comes from there)."""
+    if not config["init"]:
+        return config
+    brought, given, default = read_model_config(config["init"]), config["model"], DEFAULTS["finetune"]["model"]
+    conflicts = [f"model.{key}={given[key]!r}" for key in ("arch", "encoder", "decoder_width")
+                 if given[key] != default[key] and given[key] != brought[key]]
+    options = config_options(brought)
+    conflicts += [f"model.options.{key}={value!r}" for key, value in given["options"].items() if options.get(key) != value]
+    if conflicts:
+        raise ValueError(f"{', '.join(conflicts)}: init={config['init']} brings a {describe_model(brought)} model, "
+                         "whose weights this run trains; leave those model settings out, or leave init out to build that model")
+    model = dict(given, arch=brought["arch"], encoder=brought["encoder"], decoder_width=brought["decoder_width"], options=options)
+    return {**config, "model": model}
 
 
 def finetune_lr(config: dict[str, Any], model_config: dict[str, Any]) -> float:
@@ -66,10 +114,10 @@ def finetune_lr(config: dict[str, Any], model_config: dict[str, Any]) -> float:
 def plan_finetune(config: dict[str, Any]) -> dict[str, Any]:
     """``ddep finetune --dry-run``: the budget, from the datasets' file lists and the model config
     alone (no run folder, no weights built)."""
+    config = with_init(config)
     sets = finetune_data(config)
-    model_config = read_model_config(config["init"]) if config["init"] else config["model"]
     return run_plan(
-        config, len(sets.train), finetune_lr(config, model_config), passes="epochs_over_labeled",
+        config, len(sets.train), finetune_lr(config, config["model"]), passes="epochs_over_labeled",
         select_images=len(sets.select) if sets.select is not None else 0,
         selected_on=split_hash(sets.select.pairs) if sets.select is not None else None,
         val_images=len(sets.val),
@@ -99,7 +147,7 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
     """Train the whole model on the labeled images; the final checkpoint (or the one chosen on a
     held-out part of them) is evaluated on the val split. ``model`` is trained in place instead
     of building ``config["model"]`` (see :func:`ddep.engine.pretrain.pretrain`)."""
-    config = with_model(config, model)
+    config = with_init(with_model(config, model))
     sets = finetune_data(config)  # bad data settings fail before a run folder exists
     run = start_run(config, resume)
     try:
@@ -128,6 +176,7 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
         last = trainer.save("last.pt")
         if run.dist.is_main:
             save_model(chosen, run.dir / "model")
+            write_train_record(run.dir, sets.pool)
             selection = {"selected_on": None}
             if sets.select is not None:
                 selection = {"selected_on": split_hash(sets.select.pairs), "selected_step": trainer.extra["best_step"],
@@ -136,6 +185,7 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
                 run.dir / "metrics.json", trainer.extra["final_metrics"], eval_config, sets.val,
                 last if sets.select is None else best, **selection,
                 train_split_hash=split_hash(sets.train.pairs), train_images=len(sets.train), steps=trainer.step,
+                trained_images=len(image_keys(sets.val) & image_keys(sets.pool)),
             )
         trainer.close()
         return run.dir

@@ -38,8 +38,9 @@ def can_resume(config: dict[str, Any]) -> bool:
 
 
 def check_input_size(config: dict[str, Any]) -> None:
-    """TransUNet needs sides that are multiples of its 16-pixel patches: refuse other crops up front."""
-    arch = config["model"]["arch"] if not config.get("init") else None  # an init checkpoint brings its own
+    """TransUNet needs sides that are multiples of its 16-pixel patches: refuse other crops up front
+    (``model`` describes an ``init`` model too: :func:`ddep.engine.finetune.with_init`)."""
+    arch = config["model"]["arch"]
     crop = config["data"].get("crop_size")
     if arch == "transunet" and crop is not None and crop % PATCH_STRIDE:
         raise ValueError(f"data.crop_size={crop}: TransUNet needs a multiple of {PATCH_STRIDE} (its patch size), "
@@ -116,7 +117,8 @@ def start_run(config: dict[str, Any], resume: bool | str | None = None, training
             probe.unlink()
         except OSError as e:
             raise PermissionError(f"cannot write to the run folder {run_dir}: {e.strerror}") from None
-        save_config(config, run_dir / "config.yaml")
+        if not resumed:  # a resumed run's is rewritten once its checkpoint has loaded (Trainer.load)
+            save_config(config, run_dir / "config.yaml")
         remove_stale_temporaries(checkpoint_path(run_dir).parent)
     seed = config["seed"] + dist_info.rank
     random.seed(seed)

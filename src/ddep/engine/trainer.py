@@ -26,8 +26,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..config import save_config
 from ..data.seeds import sample_seed, seeded
 from ..data.shards import ShardImages
+from ..models.registry import describe_model
 from .checkpoint import checkpoint_path, load_resumable, save_checkpoint
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_objects
 from .preemption import Preempted, StopSignals, ignore_stop_signals, requeue_slurm_job
@@ -84,8 +86,10 @@ def training_loader(dataset: Dataset, seed: int, batch_size: int, num_workers: i
     else:
         data = SeededItems(dataset, seed)
         sampler = StreamSampler(len(dataset), seed, dist_info.rank, dist_info.world_size, start * batch_size)
+    # a generator of its own: an iterator's base seed would otherwise be drawn from the global stream that
+    # dropout draws from, just after a resumed run restored it
     return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      drop_last=True, worker_init_fn=ignore_stop_signals)
+                      drop_last=True, worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
 
 def build_optimizer(params: list[nn.Parameter], optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
@@ -125,17 +129,28 @@ def total_steps(config: dict[str, Any], train_images: int, world_size: int = 1) 
     return steps
 
 
+#: The files a run's saves replace, relative to its folder: a resumed run's own count as free space.
+RUN_FILES = ("checkpoints/last.pt", "checkpoints/last-previous.pt", "checkpoints/best.pt", "model/model.safetensors")
+
+
 def check_free_space(run_dir: Path, model: nn.Module, trainable: list[nn.Parameter]) -> None:
     """Refuse to start when the run folder's disk cannot hold the run's checkpoints: the last one,
-    one being written and the best (weights plus Adam's two moments), and the exported model (the
-    previous checkpoint is a hard link where the file system has them)."""
+    the one before it, one being written and the best (weights plus Adam's two moments), and the
+    exported model. The run's own files of those kinds are replaced by its saves, so a resumed
+    run counts their space as its own."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
     need = 3 * (weights + moments) + weights
+    held = {}
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_file():
+            stat = path.stat()
+            held[(stat.st_dev, stat.st_ino)] = stat.st_size  # a hard-linked previous checkpoint counts once
     free = shutil.disk_usage(run_dir).free
-    if free < need:
+    if free + sum(held.values()) < need:
         raise OSError(f"the run folder {run_dir} has {free / 2**20:.0f} MiB free; this run's checkpoints need about "
-                      f"{need / 2**20:.0f} MiB (out_dir=... elsewhere, or free some space)")
+                      f"{(need - sum(held.values())) / 2**20:.0f} MiB more (out_dir=... elsewhere, or free some space)")
 
 
 class Trainer:
@@ -184,12 +199,15 @@ class Trainer:
         self.extra: dict[str, Any] = {}
         if resume:
             self.load(checkpoint_path(self.run_dir, "last.pt"))
+            if dist_info.is_main:  # only now that the checkpoint fits: a failed resume leaves the run as it was
+                save_config(config, run_dir / "config.yaml")
         self.loader = training_loader(dataset, config["seed"], self.batch_size, config["data"]["num_workers"], dist_info,
                                       start=self.step * self.accum, pin_memory=device.type == "cuda")
         self.stop_signals = StopSignals()
         self._saved_at = (self.step, time.monotonic())  # the step and time of the last last.pt
         self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
         self._micro = 0
+        self._stepped = False  # a step was taken and the loop's work after it is not yet followed by end_of_step
         self._progress = None
         self._tensorboard = None
 
@@ -234,6 +252,9 @@ class Trainer:
         try:
             for batch in self.loader:
                 yield self.to_device(batch)
+                if self._stepped:  # the loop has done its work for this step (an evaluation, say)
+                    self._stepped = False
+                    self._end_of_step()
                 if self.step >= self.total_steps:
                     break
         finally:
@@ -277,6 +298,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self._stepped = True
         self._after_step()
         return True
 
@@ -297,6 +319,12 @@ class Trainer:
             }
             self.log(row)
             self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
+
+    def _end_of_step(self) -> None:
+        """After a step and the loop's work on it: the periodic checkpoint, then a requested stop.
+
+        Coming after that work, a checkpoint records it (a held-out evaluation and the best score
+        so far), so a run resumed from it chooses what an uninterrupted run chooses."""
         minutes = self.config["checkpoint_minutes"]
         timed = bool(minutes) and time.monotonic() - self._saved_at[1] >= 60 * minutes
         # every rank must take the same decisions (a save gathers their random states): one all-reduce
@@ -379,7 +407,13 @@ class Trainer:
         path = checkpoint_path(self.run_dir, name)
         state = self.state_dict()  # on every rank: it gathers their random states
         if self.dist.is_main:
-            save_checkpoint(state, path, keep_previous=name == "last.pt")
+            try:
+                save_checkpoint(state, path, keep_previous=name == "last.pt")
+            except OSError as e:  # a full disk, say: the last complete checkpoint is intact
+                last = checkpoint_path(self.run_dir, "last.pt")
+                hint = (f"the run continues from {last} (step {self._saved_at[0]}) with the same command and --resume auto "
+                        "once there is space" if last.is_file() else "nothing was saved yet")
+                raise OSError(e.errno, f"{e.strerror or e} at step {self.step}; {hint}") from None
         if name == "last.pt":
             self._saved_at = (self.step, time.monotonic())
         return path
@@ -389,7 +423,15 @@ class Trainer:
         state, path = load_resumable(path, map_location=self.device)
         if state.get("stage") != self.stage:
             raise ValueError(f"{path}: a {state.get('stage')} checkpoint cannot resume a {self.stage} run")
-        self.model.load_state_dict(state["model"])
+        saved, built = describe_model(state["model_config"]), describe_model(self.model.config)
+        if saved != built:
+            raise ValueError(f"{path} holds a {saved} model but this run builds a {built} model: resume with the run's own "
+                             "settings (its config.yaml), or name=... for a new run")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # the same architecture with other options: torch's message lists every key
+            raise ValueError(f"{path}: its weights do not fit this run's {built} model ({str(e).splitlines()[0][:200]}); "
+                             "resume with the run's own settings, or name=... for a new run") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):  # empty when the run was not in fp16

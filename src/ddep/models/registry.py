@@ -131,3 +131,10 @@ def model_config(
 def config_options(config: dict[str, Any]) -> dict[str, Any]:
     """The architecture options in a model's ``config``."""
     return {k: v for k, v in config.items() if k not in CONFIG_KEYS}
+
+
+def describe_model(config: dict[str, Any]) -> str:
+    """A model config in words, e.g. ``unet on resnet18 (decoder_width 1, 3 classes)``: two
+    configs with the same words have the same architecture and weight shapes."""
+    options = "".join(f", {k}={v!r}" for k, v in sorted(config_options(config).items()))
+    return f"{config['arch']} on {config['encoder']} (decoder_width {config['decoder_width']}, {config['classes']} classes{options})"
