@@ -9,9 +9,11 @@ already built, :func:`to_smp` hands a plain smp model back and :func:`save_smp` 
 from __future__ import annotations
 
 import copy
+import errno
 import functools
 import inspect
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +22,11 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from safetensors import SafetensorError
 from segmentation_models_pytorch.base.initialization import initialize_head
 from torch import nn
 
+from ..atomic import fsync_dir
 from ..choices import check_choice, did_you_mean
 from .decoder import recomputed
 from .encoders import check_timm_name
@@ -242,12 +246,35 @@ def to_smp(model: SmpModel) -> nn.Module:
 
 
 def save_smp(model: SmpModel, directory: str | os.PathLike) -> Path:
-    """smp's ``save_pretrained`` folder (config.json, model.safetensors), written whole or not at all."""
+    """smp's ``save_pretrained`` folder (config.json, model.safetensors, README.md).
+
+    smp writes into a temporary folder beside ``directory``; each of its files then replaces its
+    namesake in ``directory`` (a rename: whole or not at all), with the permissions of a new file
+    under the umask (safetensors writes through a 0600 temporary file). Other files in ``directory``
+    are left alone. A failure (a full disk, say) removes the temporary folder and raises an
+    ``OSError`` naming ``directory``."""
     directory = Path(directory)
+    plain = to_smp(model).cpu()
     partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    to_smp(model).cpu().save_pretrained(str(partial))
-    if directory.exists():
-        shutil.rmtree(directory)
-    partial.rename(directory)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        try:
+            plain.save_pretrained(str(partial))
+        except SafetensorError as e:  # the weights are written by Rust code: its I/O errors are no OSError
+            code = re.search(r"os error (\d+)", str(e))
+            number = int(code[1]) if code else errno.EIO
+            raise OSError(number, os.strerror(number) if code else str(e)) from None
+        directory.mkdir(parents=True, exist_ok=True)
+        for file in sorted(partial.iterdir()):
+            os.chmod(file, 0o666 & ~umask)
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(file, directory / file.name)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {directory}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    fsync_dir(directory)
     return directory
