@@ -190,7 +190,7 @@ def test_grad_checkpointing_from_the_config_gives_the_same_weights_and_statistic
         torch.testing.assert_close(checkpointed[key], plain[key], msg=key)
 
 
-def test_evaluation_lets_cudnn_keep_its_heuristics_and_restores_the_setting(monkeypatch):
+def test_evaluation_lets_cudnn_keep_its_heuristics_restores_the_setting_and_draws_nothing(monkeypatch):
     seen = []
 
     class Probe(torch.nn.Module):
@@ -208,8 +208,10 @@ def test_evaluation_lets_cudnn_keep_its_heuristics_and_restores_the_setting(monk
             return {"image": torch.zeros(3, 8, 8), "mask": torch.zeros(8, 8, dtype=torch.long)}
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    state = torch.get_rng_state()
     evaluate_model(Probe(), OneImage(), {"mode": "whole"}, torch.device("cpu"))
     assert seen == [False] and torch.backends.cudnn.benchmark is True
+    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn from the stream training's dropout draws from
 
 
 def test_a_held_out_part_of_the_labeled_images_chooses_the_checkpoint(data):

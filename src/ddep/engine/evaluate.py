@@ -34,7 +34,8 @@ def evaluate_model(model: nn.Module, dataset, eval_config: dict[str, Any], devic
     metric = SegMetric(dataset.num_classes)
     shard = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
     try:
-        for item in DataLoader(shard, batch_size=1, num_workers=0):
+        # a generator of its own: an evaluation between training steps leaves the stream dropout draws from alone
+        for item in DataLoader(shard, batch_size=1, num_workers=0, generator=torch.Generator()):
             image = item["image"].to(device)
             probabilities = predict(model, image, **eval_config)
             metric.update(probabilities.argmax(1).cpu(), item["mask"])
