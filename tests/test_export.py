@@ -258,3 +258,15 @@ def test_a_full_disk_leaves_no_temporaries_and_names_the_path(tmp_path, smp_chec
         with pytest.raises(OSError, match=f"cannot write {re.escape(str(out / 'model.onnx'))}: No space left"):
             export_module.write_onnx(graph, out / "model.onnx")
     assert tree(out) == before
+
+
+def test_a_runs_own_model_folder_is_refused_unless_overwrite(unet_checkpoint, tmp_path, capsys):
+    run = tmp_path / "runs" / "x"
+    save_model(ddep.build_model("unet", "resnet18", classes=3), run / "model")
+    (run / "config.yaml").write_text("name: x\n")
+    (run / "checkpoints").mkdir()
+    before = tree(run)
+    assert main(["export", f"checkpoint={unet_checkpoint}", f"output={run / 'model'}"]) == 1
+    assert f"output {run / 'model'} is the result of the run {run} (its metrics.json describes it)" in capsys.readouterr().err
+    assert tree(run) == before
+    assert main(["export", f"checkpoint={unet_checkpoint}", f"output={run / 'model'}", "overwrite=true"]) == 0

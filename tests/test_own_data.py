@@ -38,7 +38,7 @@ def test_a_flat_folder_is_refused_as_its_own_val_split(flat, capsys):
             "ddep finetune: error: the reported split (data.val_split='val', 8 images) shares 8 images with the training split "
             "(one flat folder of images: every split is all of it): report on images never trained on: hold some out with "
             "`ddep splits --dataset folder --root flat --val 0.2 -o num_classes=2` and pass the data.options.split_file and "
-            "data.val_split_file it prints, or give the dataset a val split (a folder dataset: images/val and masks/val) "
+            "data.val_split_file it prints, or give the dataset a val split (images/val and masks/val) "
             "(data.allow_trained_images=true reports on them anyway: a number never to publish)")
     assert not Path("runs").exists()
 
@@ -54,7 +54,7 @@ def test_split_folders_without_the_val_folder_are_refused(tmp_path, monkeypatch,
     assert not Path("runs").exists()
 
 
-def test_a_held_out_val_split_is_reported_and_evaluate_refuses_the_trained_images(flat, capsys):
+def test_a_held_out_val_split_is_reported_and_evaluate_refuses_the_trained_images(flat, capsys, caplog):
     assert main(["splits", "--dataset", "folder", "--root", "flat", "--val", "0.25", "-o", "num_classes=2"]) == 0
     out = capsys.readouterr().out
     folder = Path("splits/folder/val0.25/seed0")
@@ -63,6 +63,8 @@ def test_a_held_out_val_split_is_reported_and_evaluate_refuses_the_trained_image
     assert len(val) == 2 and len(train) == 6 and not train & val and train | val == {f"images/img{i}.jpg" for i in range(8)}
     # another stream than the label fractions': labeled.txt of the same seed is not the val images
     assert main(["splits", "--dataset", "folder", "--root", "flat", "--fractions", "2", "-o", "num_classes=2"]) == 0
+    assert main(["splits", "--dataset", "folder", "--root", "flat", "--fractions", "2", "--val", "0.2", "-o", "num_classes=2"]) == 1
+    assert "needs --fractions (label fractions) or --val (a held-out val split), one of them" in last_error(capsys)
     assert {line.split()[0] for line in Path("splits/folder/2/seed0/labeled.txt").read_text().splitlines()} != val
 
     split = [f"data.options.split_file={folder}/train.txt", f"data.val_split_file={folder}/val.txt"]
@@ -84,6 +86,23 @@ def test_a_held_out_val_split_is_reported_and_evaluate_refuses_the_trained_image
     assert json.loads(Path("runs/evaluate/metrics.json").read_text())["trained_images"] == 0
     assert main([*evaluate, "data.allow_trained_images=true", "name=trained", "checkpoint=runs/finetune/checkpoints/last.pt"]) == 0
     assert json.loads(Path("runs/trained/metrics.json").read_text())["trained_images"] == 6
+    assert "(data.allow_trained_images=true): these metrics are not a result to publish" in caplog.text
+    # the record travels with an export
+    assert main(["export", "checkpoint=runs/finetune/checkpoints/last.pt", "output=exported"]) == 0
+    assert Path("exported/train_split.txt").read_text() == Path("runs/finetune/train_split.txt").read_text()
+    assert main([*evaluate, "checkpoint=exported", "name=exported"]) == 1
+    assert "6 of these 8 images are in the training split of exported" in last_error(capsys)
+
+
+def test_a_run_records_its_training_split_before_its_first_step(flat, monkeypatch, capsys):
+    """An interrupted (or still running) run's checkpoints are checked by evaluate too."""
+    assert main(["splits", "--dataset", "folder", "--root", "flat", "--val", "2", "-o", "num_classes=2"]) == 0
+    folder = Path("splits/folder/val2/seed0")
+    split = [f"data.options.split_file={folder}/train.txt", f"data.val_split_file={folder}/val.txt"]
+    fake_data.interrupt_after(monkeypatch, "finetune", ["data.root=flat", *RUN, *split, "checkpoint_every=1"], step=1)
+    assert len(Path("runs/finetune/train_split.txt").read_text().splitlines()) == 1 + 6
+    assert main(["evaluate", "checkpoint=runs/finetune/checkpoints/last.pt", "data.root=flat", "data.options.num_classes=2"]) == 1
+    assert "6 of these 8 images are in the training split of runs/finetune/checkpoints/last.pt" in last_error(capsys)
 
 
 def binary(root: Path, foreground: int, count: int = 6) -> Path:
@@ -102,9 +121,9 @@ def test_binary_masks_stored_as_0_255_are_refused_and_label_map_trains_both_clas
     binary(tmp_path / "cells", 255)
     assert main(["finetune", "data.root=cells", *RUN]) == 1
     assert last_error(capsys) == (
-        "ddep finetune: error: the 6 masks of the labeled images (e.g. cells/masks/train/0.png) hold only 0 and 255, and 255 "
+        "ddep finetune: error: the 6 masks of the training split (e.g. cells/masks/train/0.png) hold only 0 and 255, and 255 "
         "is the ignore index: every pixel but class 0 would be dropped. Binary masks stored as 0/255: "
-        "'data.options.label_map={255: 1}' (with num_classes 2)")
+        "'data.options.label_map={255: 1}' (with num_classes 2); if class 0 alone is right, data.options.label_check=false")
     assert not Path("runs").exists()
     assert main(["finetune", "data.root=cells", *RUN, "data.options.label_map={255: 1}"]) == 0
     metrics = json.loads(Path("runs/finetune/metrics.json").read_text())
@@ -116,7 +135,7 @@ def test_binary_masks_stored_as_0_255_are_refused_and_label_map_trains_both_clas
     assert main([*evaluate, "data.options.label_map={255: 1}"]) == 0
 
 
-def test_masks_mostly_255_with_a_class_missing_are_refused_unless_sparse(tmp_path):
+def test_masks_mostly_255_with_a_class_missing_are_refused_unless_unchecked(tmp_path):
     root = tmp_path / "sparse"
     for i in range(3):
         fake_data.save(fake_data.rgb(i, (32, 32)), root / "images" / f"{i}.png")
@@ -127,9 +146,9 @@ def test_masks_mostly_255_with_a_class_missing_are_refused_unless_sparse(tmp_pat
     dataset = build_dataset("folder", root, num_classes=3)
     with pytest.raises(DataError, match=r"255 \(ignore\) covers 81% of the pixels and class 2 never appears: if 255 marks a "
                                         r"class, map it \('data.options.label_map=\{255: 2\}'\); if the masks are sparse on "
-                                        r"purpose, data.options.sparse_labels=true"):
+                                        r"purpose, data.options.label_check=false"):
         check_label_encoding(dataset)
-    check_label_encoding(build_dataset("folder", root, num_classes=3, sparse_labels=True))
+    check_label_encoding(build_dataset("folder", root, num_classes=3, label_check=False))
     check_label_encoding(build_dataset("folder", root, num_classes=2))  # every class appears: scribbles are fine
 
 

@@ -106,6 +106,8 @@ def test_a_single_image_file_as_input(checkpoint, tmp_path, capsys):
     before = tree(source)  # its mask would be the PNG next to it
     assert run_predict(checkpoint, source / "photo.png", source) == 1
     assert f"would write over the input image {source / 'photo.png'}" in capsys.readouterr().err
+    assert run_predict(checkpoint, source / "photo.jpg", source, "overwrite=true") == 1  # into the image's own folder
+    assert f"output folder {source} is the input folder" in capsys.readouterr().err
     assert tree(source) == before
 
 

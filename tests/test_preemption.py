@@ -10,8 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
-from fake_data import FINETUNE, PRETRAIN
+from fake_data import FINETUNE, PRETRAIN, interrupt_after
 from ddep.cli import main
 from ddep.engine import checkpoint as checkpoint_module
 from ddep.engine import finetune as finetune_module
@@ -121,6 +122,20 @@ def test_resume_auto_on_an_empty_a_resumable_and_a_foreign_run_folder(data, caps
     assert main(["pretrain", "--config", "auto.yaml", *args, "steps=2"]) == 0
     assert main(["pretrain", *args, "steps=3", "--resume"]) == 0
     assert load_checkpoint("runs/auto/checkpoints/last.pt")["step"] == 3
+
+
+def test_resume_auto_continues_a_run_that_an_older_ddep_made(data, monkeypatch):
+    """Its config.yaml lacks the keys added since (their defaults count) and, beside init, holds
+    the default model an older ddep recorded instead of init's."""
+    assert main(["pretrain", *ARGS["pretrain"], "steps=1", "name=pre"]) == 0
+    args = [*ARGS["finetune"], "init=runs/pre/model", "name=old"]
+    interrupt_after(monkeypatch, "finetune", args, step=3)
+    saved = yaml.safe_load(Path("runs/old/config.yaml").read_text())
+    del saved["data"]["allow_trained_images"], saved["data"]["val_split_file"]
+    saved["model"]["encoder"] = "resnet50"
+    Path("runs/old/config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["finetune", *args, "--resume", "auto"]) == 0
+    assert load_checkpoint("runs/old/checkpoints/last.pt")["step"] == 6
 
 
 def test_checkpoint_minutes_saves_by_the_clock(data, monkeypatch):

@@ -29,7 +29,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], k
             _link_or_copy(path, Path(keep_previous))
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        raise write_error(e, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -38,14 +38,23 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], k
     return path
 
 
+def write_error(error: OSError, path: str | os.PathLike) -> OSError:
+    """``error`` as an ``OSError`` of the same kind that names ``path`` (a write error names no file by itself)."""
+    return OSError(error.errno, f"cannot write {path}: {error.strerror or error}")
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """Make ``target`` the content of ``source``, atomically (through a temporary name)."""
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:  # a file system without hard links
-        shutil.copyfile(source, tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(target)
 
 

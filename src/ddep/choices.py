@@ -1,4 +1,5 @@
-"""Errors for unknown names and options, with the closest valid spelling suggested."""
+"""Error messages: unknown names and options with the closest valid spelling suggested, and
+lists of files cut short."""
 from __future__ import annotations
 
 import difflib
@@ -24,3 +25,9 @@ def check_options(what: str, options: Iterable[str], valid: Iterable[str]) -> No
         if key not in valid:
             hint = did_you_mean(key, valid) or f" (valid: {', '.join(valid) or 'none'})"
             raise ValueError(f"unknown option {key!r} for {what}{hint}")
+
+
+def listed(items: list[str], shown: int = 3) -> str:
+    """``a, b, c and 4 more``: the first ``shown`` of ``items``."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more

@@ -234,8 +234,8 @@ class FolderDataset(SegmentationDataset):
     Give ``num_classes`` or ``classes_file`` (one class name per line). Masks hold class ids; with
     ``label_map`` (``{stored value: class id}``, e.g. ``{255: 1}`` for binary masks stored as
     0/255) listed values become those ids; with ``reduce_zero_label`` 0 is ignored and k becomes
-    k - 1; with ``palette`` (one RGB colour per class) RGB masks are mapped to ids. ``sparse_labels``
-    says that masks are mostly 255 (unlabelled) on purpose (see :func:`check_label_encoding`).
+    k - 1; with ``palette`` (one RGB colour per class) RGB masks are mapped to ids.
+    ``label_check=False`` skips :func:`check_label_encoding` (masks that are sparse on purpose).
     """
 
     def __init__(
@@ -251,7 +251,7 @@ class FolderDataset(SegmentationDataset):
         reduce_zero_label: bool = False,
         palette: Sequence[Sequence[int]] | None = None,
         label_map: dict[int, int] | None = None,
-        sparse_labels: bool = False,
+        label_check: bool = True,
     ) -> None:
         root = require_dir(Path(root), "dataset root")
         classes = self.read_classes(num_classes, classes_file)
@@ -270,7 +270,7 @@ class FolderDataset(SegmentationDataset):
                                     f"{split} images there and their masks in {mask_dir / split}, or name another split")
             pairs = _pairs_by_stem(image_dir, mask_dir, root, IMAGE_EXTENSIONS)
         self.flat = not split_file and image_dir == root / img_dir  # one folder: every split is the whole of it
-        self.sparse_labels = sparse_labels
+        self.label_check = label_check
         lut = label_lut(reduce_zero_label=reduce_zero_label, label_map=label_map)
         super().__init__(root, pairs, classes, transform, lut=lut, palette=palette)
 
@@ -321,9 +321,9 @@ def check_label_encoding(dataset: Dataset, indices: Sequence[int] | None = None,
 
     255 is the ignore index, so binary masks stored as 0/255 would train and evaluate on class 0
     alone (and report a high score). Refused: masks whose class ids are only 0 besides 255, and
-    masks where 255 covers most pixels while some class never appears (unless ``sparse_labels``).
-    Only :class:`FolderDataset`: the benchmarks' encodings are known."""
-    if not isinstance(dataset, FolderDataset) or dataset.num_classes < 2:
+    masks where 255 covers most pixels while some class never appears. Only a
+    :class:`FolderDataset` whose ``label_check`` is on: the benchmarks' encodings are known."""
+    if not isinstance(dataset, FolderDataset) or dataset.num_classes < 2 or not dataset.label_check:
         return
     indices = list(range(len(dataset))) if indices is None else list(indices)
     if len(indices) > ENCODING_SAMPLE:
@@ -337,10 +337,11 @@ def check_label_encoding(dataset: Dataset, indices: Sequence[int] | None = None,
     where = f"the {len(indices)} masks of the {what} (e.g. {example})"
     if counts[IGNORE_INDEX] and present == [0]:
         raise DataError(f"{where} hold only 0 and 255, and 255 is the ignore index: every pixel but class 0 would be dropped. "
-                        "Binary masks stored as 0/255: 'data.options.label_map={255: 1}' (with num_classes 2)")
+                        "Binary masks stored as 0/255: 'data.options.label_map={255: 1}' (with num_classes 2); if class 0 "
+                        "alone is right, data.options.label_check=false")
     missing = [k for k in range(dataset.num_classes) if not counts[k]]
-    if ignored > 0.5 and missing and not dataset.sparse_labels:
+    if ignored > 0.5 and missing:
         shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
         raise DataError(f"in {where} 255 (ignore) covers {ignored:.0%} of the pixels and class {shown} never appears: if 255 "
                         f"marks a class, map it ('data.options.label_map={{255: {missing[0]}}}'); if the masks are sparse on "
-                        "purpose, data.options.sparse_labels=true")
+                        "purpose, data.options.label_check=false")

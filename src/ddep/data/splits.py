@@ -22,7 +22,7 @@ from ..atomic import write_text_atomic
 from .io import DataError
 
 
-def parse_amount(text: str) -> Fraction | int:
+def parse_amount(text: str, what: str = "label amount") -> Fraction | int:
     """``"1/30"`` or ``"0.05"`` -> a fraction in (0, 1]; ``"100"`` -> a count of images."""
     text = str(text).strip()
     try:
@@ -36,7 +36,7 @@ def parse_amount(text: str) -> Fraction | int:
             raise ValueError
         return count
     except (ValueError, ZeroDivisionError):
-        raise DataError(f"label amount {text!r} must be a fraction in (0, 1] such as 1/30 or 0.05, or a count >= 1") from None
+        raise DataError(f"{what} {text!r} must be a fraction in (0, 1] such as 1/30 or 0.05, or a count >= 1") from None
 
 
 def amount_name(text: str) -> str:
@@ -98,6 +98,11 @@ def image_keys(dataset) -> set[str]:
     return {str((Path(root) / image).resolve()) if root is not None else image for image, _ in dataset.pairs}
 
 
+def shared_images(dataset, other) -> int:
+    """How many of ``dataset``'s images are in ``other`` (a dataset or a set of :func:`image_keys`)."""
+    return len(image_keys(dataset) & (other if isinstance(other, set) else image_keys(other)))
+
+
 #: The training split of a fine-tuning run, in its folder: what ``ddep evaluate`` checks a reported split against.
 TRAIN_RECORD = "train_split.txt"
 
@@ -111,9 +116,10 @@ def write_train_record(run_dir: str | os.PathLike, dataset) -> Path:
 
 def read_train_record(model_path: str | os.PathLike) -> tuple[Path, set[str]] | None:
     """The training split recorded by the run a model comes from (``runs/x/model``,
-    ``runs/x/checkpoints/last.pt``), or None when there is no record (a model from elsewhere)."""
+    ``runs/x/checkpoints/last.pt``, or a folder ``ddep export`` wrote, which holds a copy), or None
+    when there is no record (a model from elsewhere)."""
     path = Path(model_path)
-    for run_dir in (path.parent, path.parent.parent):
+    for run_dir in ((path,) if path.is_dir() else ()) + (path.parent, path.parent.parent):
         record = run_dir / TRAIN_RECORD
         if record.is_file():
             return record, {line for line in record.read_text().splitlines() if line and not line.startswith("#")}
@@ -124,10 +130,11 @@ def write_val_split(
     dataset: str, pairs: Sequence[tuple[str, str]], amount: str, seed: int, out: str | os.PathLike
 ) -> tuple[Path, Path]:
     """Hold ``amount`` of the pairs out as a reported split: ``<out>/<dataset>/val<amount>/seed<k>/``
-    ``train.txt`` and ``val.txt``, disjoint (for a folder of images without a val folder). The
-    draw is another seeded stream than the label fractions', so that ``labeled.txt`` files made
-    from the same pairs are not the val images."""
-    held = set(np.random.default_rng([seed, 2]).permutation(len(pairs))[: num_selected(parse_amount(amount), len(pairs))].tolist())
+    ``train.txt`` and ``val.txt``, disjoint (for a folder of images without a val folder). Label
+    fractions are then drawn from ``train.txt`` (``data.labeled``, or ``ddep splits --fractions``
+    with ``-o split_file=.../train.txt``); fine-tuning refuses a val split that shares images with
+    the training split."""
+    held = set(np.random.default_rng([seed, 2]).permutation(len(pairs))[: num_selected(parse_amount(amount, "--val"), len(pairs))].tolist())
     if len(held) >= len(pairs):
         raise DataError(f"--val {amount} of {len(pairs)} images leaves none to train on")
     folder = Path(out) / dataset / f"val{amount_name(amount)}" / f"seed{seed}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,15 @@ from ..data import build_dataset
 from ..atomic import write_text_atomic
 from ..data.io import DataError
 from ..data.labeled import check_label_encoding
-from ..data.splits import image_keys, read_train_record, split_hash
+from ..data.splits import read_train_record, shared_images, split_hash
 from ..data.transforms import eval_transforms
 from ..inference import describe_mode, eval_for_model, predict
 from ..metrics import SegMetric
 from ..models.saving import load_model, model_file
 from .distributed import DistInfo, shutdown
 from .run import start_run
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -74,11 +77,13 @@ def trained_images(checkpoint: str, dataset, allow: bool) -> int | None:
     record = read_train_record(checkpoint)
     if record is None:
         return None
-    shared = len(image_keys(dataset) & record[1])
+    shared = shared_images(dataset, record[1])
+    overlap = f"{shared} of these {len(dataset)} images are in the training split of {checkpoint} (listed in {record[0]})"
     if shared and not allow:
-        raise DataError(f"{shared} of these {len(dataset)} images are in the training split of {checkpoint} (listed in "
-                        f"{record[0]}): evaluate on images it was not trained on (data.allow_trained_images=true evaluates "
+        raise DataError(f"{overlap}: evaluate on images it was not trained on (data.allow_trained_images=true evaluates "
                         "anyway: a number never to publish)")
+    if shared:
+        log.warning("%s (data.allow_trained_images=true): these metrics are not a result to publish", overlap)
     return shared
 
 

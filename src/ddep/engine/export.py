@@ -3,14 +3,18 @@ optionally ONNX.
 
 What export writes into ``output``, and nothing else: ``config.json``, ``model.safetensors``,
 ``smp/`` (``config.json``, ``model.safetensors``, ``README.md``: smp's ``save_pretrained`` layout,
-smp models only), ``model.onnx`` and, for a model over 1.5 GiB of weights only, ``model.onnx.data``.
+smp models only), ``model.onnx`` and, for a model over 1.5 GiB of weights only, ``model.onnx.data``,
+and for a model of a ddep fine-tuning run a copy of its ``train_split.txt`` (``ddep evaluate``
+refuses those images).
 
 * Every check runs before anything is written: the checkpoint, ``onnx_size``, the ONNX trace
   itself, and the output folder.
 * The output folder must be missing, empty, or hold only export's own names (an earlier export):
   such a folder is written over without asking, as ``save_pretrained`` does. Anything else in it
   (in ``smp/`` too) is refused, one line naming the files, unless ``overwrite=true``; even then those
-  files are kept: export replaces its own names one file at a time and never deletes a folder.
+  files are kept: export replaces its own names one file at a time and deletes no folder but its
+  own (an emptied ``smp/``, its temporaries). A run's own ``model/`` folder is refused too, unless
+  ``overwrite=true``: its metrics.json describes what is there.
   An own name taken by a folder (or ``smp`` taken by a file) is refused even with ``overwrite=true``.
 * Own files this export does not write again (``model.onnx`` when ``onnx=false``, ``smp/`` for a
   non-smp model, ``model.onnx.data`` beside a self-contained ``model.onnx``) belong to an earlier
@@ -38,7 +42,9 @@ from typing import Any
 
 import torch
 
-from ..atomic import process_alive, fsync_dir, write_atomic
+from ..atomic import fsync_dir, process_alive, write_atomic, write_error
+from ..choices import listed
+from ..data.splits import TRAIN_RECORD, read_train_record
 from ..models.saving import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
 from ..models.segmenter import SegmentationModel
 from ..models.smp_models import SmpModel, save_smp
@@ -47,7 +53,7 @@ SMP_FOLDER = "smp"
 ONNX_FILE = "model.onnx"
 ONNX_DATA = ONNX_FILE + ".data"
 #: Files export writes at the top of its folder, and in ``smp/`` (smp's ``save_pretrained``).
-OWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, ONNX_DATA)
+OWN_FILES = (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, ONNX_DATA, TRAIN_RECORD)
 SMP_FILES = ("config.json", "model.safetensors", "README.md")
 #: Weights up to this size go inside ``model.onnx`` (protobuf refuses messages over 2 GiB); torch's own threshold.
 ONNX_SINGLE_FILE_BYTES = 1536 * 2**20
@@ -129,25 +135,25 @@ def write_onnx(graph: Any, path: str | os.PathLike) -> list[Path]:
         os.replace(partial / data_path.name, data_path)  # the weights first: the new model.onnx never meets old ones
         os.replace(partial / path.name, path)
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
+        raise write_error(e, path) from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     fsync_dir(path.parent)
     return [path, data_path]
 
 
-def _listed(paths: list[str], shown: int = 3) -> str:
-    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
-    return ", ".join(paths[:shown]) + more
-
-
-def survey_output(output: Path, writes_smp: bool, writes_onnx: bool, overwrite: bool) -> tuple[list[Path], list[Path]]:
+def survey_output(output: Path, writes_smp: bool, writes_onnx: bool, writes_record: bool,
+                  overwrite: bool) -> tuple[list[Path], list[Path]]:
     """Check ``output`` before anything is written (see the module's docstring); return the own files this export
     leaves stale and the leftover temporaries of dead processes, both to be removed after it."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} is a file; output= takes a folder")
     if not output.is_dir():
         return [], []
+    run = output.parent
+    if (run / "config.yaml").is_file() and (run / "checkpoints").is_dir() and not overwrite:
+        raise ValueError(f"output {output} is the result of the run {run} (its metrics.json describes it): export into "
+                         "another folder, or pass overwrite=true to replace it")
     foreign: list[str] = []
     clashes: list[Path] = []
     own: list[Path] = []
@@ -177,10 +183,10 @@ def survey_output(output: Path, writes_smp: bool, writes_onnx: bool, overwrite: 
                          "move it away or choose another output folder")
     if foreign and not overwrite:
         raise ValueError(
-            f"output {output} holds {len(foreign)} file{'s' * (len(foreign) > 1)} that export did not write ({_listed(foreign)}); "
+            f"output {output} holds {len(foreign)} file{'s' * (len(foreign) > 1)} that export did not write ({listed(foreign)}); "
             "export writes only into an empty folder or an earlier export's: choose another output, or pass overwrite=true "
             "to write its own files beside them (they are kept)")
-    written = {output / CONFIG_FILE, output / WEIGHTS_FILE}
+    written = {output / CONFIG_FILE, output / WEIGHTS_FILE, *([output / TRAIN_RECORD] if writes_record else [])}
     if writes_onnx:
         written |= {output / ONNX_FILE, output / ONNX_DATA}  # model.onnx.data: rewritten, or removed once model.onnx is
     if writes_smp:
@@ -201,12 +207,17 @@ def export(config: dict[str, Any]) -> Path:
     output = Path(config["output"])
     model = load_model(config["checkpoint"]).eval()
     writes_smp = isinstance(model, SmpModel)
-    survey_output(output, writes_smp, bool(config["onnx"]), overwrite)  # refuse before the slow trace, too
+    record = read_train_record(config["checkpoint"])  # the training split goes along, for ddep evaluate's check
+    survey_output(output, writes_smp, bool(config["onnx"]), record is not None, overwrite)  # refuse before the slow trace, too
     graph = trace_onnx(model, config["onnx_size"], verbose) if config["onnx"] else None
-    stale, leftovers = survey_output(output, writes_smp, graph is not None, overwrite)
+    stale, leftovers = survey_output(output, writes_smp, graph is not None, record is not None, overwrite)
 
     save_model(model, output)
-    print(f"exported to {output} ({output / WEIGHTS_FILE}, {output / CONFIG_FILE})")
+    written = [output / WEIGHTS_FILE, output / CONFIG_FILE]
+    if record is not None:
+        text = record[0].read_text()
+        written.append(write_atomic(output / TRAIN_RECORD, lambda f: f.write(text.encode())))
+    print(f"exported to {output} ({', '.join(map(str, written))})")
     if writes_smp:
         folder = save_smp(model, output / SMP_FOLDER)
         print(f"smp model (segmentation_models_pytorch.from_pretrained): {folder} "
@@ -226,5 +237,5 @@ def export(config: dict[str, Any]) -> Path:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if leftovers:
         print(f"removed {len(leftovers)} temporary file{'s' * (len(leftovers) > 1)} of an interrupted export from {output} "
-              f"({_listed([p.name for p in leftovers])})")
+              f"({listed([p.name for p in leftovers])})")
     return output

@@ -7,6 +7,7 @@ which case the checkpoint with the best mIoU on that held-out part is the result
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +19,7 @@ from ..config import DEFAULTS, PAPER_FINETUNE_LR
 from ..data import build_dataset
 from ..data.io import DataError
 from ..data.labeled import check_label_encoding
-from ..data.splits import LabeledSubset, hold_out, image_keys, labeled_indices, split_hash, write_train_record
+from ..data.splits import LabeledSubset, hold_out, labeled_indices, shared_images, split_hash, write_train_record
 from ..data.transforms import IGNORE_INDEX, eval_transforms, train_transforms
 from ..inference import eval_for_model
 from ..models import SegmentationModel, build_model
@@ -30,6 +31,8 @@ from .evaluate import evaluate_model, write_metrics
 from .plan import run_plan
 from .run import start_run, with_model
 from .trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 class FinetuneData(NamedTuple):
@@ -60,7 +63,7 @@ def finetune_data(config: dict[str, Any]) -> FinetuneData:
         trained, held = hold_out(indices, data["select_fraction"], data["labeled_seed"])
         # the held-out images get evaluation transforms: a dataset of their own, not the training set's
         sets = FinetuneData(LabeledSubset(labeled, trained), LabeledSubset(split(data["split"], **data["options"]), held), val, labeled)
-    check_label_encoding(labeled, indices, "labeled images")
+    check_label_encoding(labeled, None, "training split")  # all of it: a few masks may rightly lack a class
     check_label_encoding(val, None, f"{data['val_split_file'] or data['val_split']} split")
     return sets
 
@@ -72,19 +75,24 @@ def _val_options(data: dict[str, Any]) -> dict[str, Any]:
 
 def check_reported_split(val: Dataset, train: Dataset, data: dict[str, Any]) -> None:
     """Refuse a reported split that shares images with the training split (a flat folder, whose
-    every split is the whole folder, say), unless ``data.allow_trained_images``."""
-    shared = len(image_keys(val) & image_keys(train))
-    if not shared or data["allow_trained_images"]:
+    every split is the whole folder, say), unless ``data.allow_trained_images`` (warned)."""
+    shared = shared_images(val, train)
+    if not shared:
         return
     described = f"data.val_split_file={data['val_split_file']}" if data["val_split_file"] else f"data.val_split={data['val_split']!r}"
-    flat = " (one flat folder of images: every split is all of it)" if getattr(val, "flat", False) else ""
-    options = "".join(f" -o {k}={v}" for k, v in data["options"].items() if k != "split_file" and isinstance(v, (int, str)))
-    raise DataError(
-        f"the reported split ({described}, {len(val)} images) shares {shared} images with the training split{flat}: report on "
-        f"images never trained on: hold some out with `ddep splits --dataset {data['dataset']} --root {data['root']} --val 0.2"
-        f"{options}` and pass the data.options.split_file and data.val_split_file it prints, or give the dataset a val split "
-        "(a folder dataset: images/val and masks/val) (data.allow_trained_images=true reports on them anyway: a number never "
-        "to publish)")
+    overlap = f"the reported split ({described}, {len(val)} images) shares {shared} images with the training split"
+    if data["allow_trained_images"]:
+        log.warning("%s (data.allow_trained_images=true): its metrics are not a result to publish", overlap)
+        return
+    if data["dataset"] == "folder":
+        flat = " (one flat folder of images: every split is all of it)" if val.flat else ""
+        options = "".join(f" -o {k}={v}" for k, v in data["options"].items() if k != "split_file" and isinstance(v, (int, str)))
+        fix = (f"hold some out with `ddep splits --dataset folder --root {data['root']} --val 0.2{options}` and pass the "
+               "data.options.split_file and data.val_split_file it prints, or give the dataset a val split (images/val and masks/val)")
+    else:
+        flat, fix = "", "give split files that do not share images (data.options.split_file, data.val_split_file)"
+    raise DataError(f"{overlap}{flat}: report on images never trained on: {fix} (data.allow_trained_images=true reports on "
+                    "them anyway: a number never to publish)")
 
 
 def with_init(config: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +159,8 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
     sets = finetune_data(config)  # bad data settings fail before a run folder exists
     run = start_run(config, resume)
     try:
+        if run.dist.is_main:  # from the start: a run's checkpoints are evaluated before it ends too
+            write_train_record(run.dir, sets.pool)
         data = config["data"]
         model = build_finetune_model(config, sets.train.num_classes, model)
         eval_config = eval_for_model(config["eval"], model)
@@ -176,7 +186,6 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
         last = trainer.save("last.pt")
         if run.dist.is_main:
             save_model(chosen, run.dir / "model")
-            write_train_record(run.dir, sets.pool)
             selection = {"selected_on": None}
             if sets.select is not None:
                 selection = {"selected_on": split_hash(sets.select.pairs), "selected_step": trainer.extra["best_step"],
@@ -185,7 +194,7 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
                 run.dir / "metrics.json", trainer.extra["final_metrics"], eval_config, sets.val,
                 last if sets.select is None else best, **selection,
                 train_split_hash=split_hash(sets.train.pairs), train_images=len(sets.train), steps=trainer.step,
-                trained_images=len(image_keys(sets.val) & image_keys(sets.pool)),
+                trained_images=shared_images(sets.val, sets.pool),
             )
         trainer.close()
         return run.dir

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..choices import listed
 from ..data.io import IMAGE_EXTENSIONS, DataError, open_image, read_image
 from ..data.transforms import eval_transforms
 from ..data.unlabeled import list_images
@@ -41,8 +42,6 @@ from .distributed import DistInfo, resolve_device
 
 MASK_SUFFIX = ".png"
 OVERLAY_SUFFIX = "_overlay.jpg"
-#: How many paths an error message names before it says "and N more".
-SHOWN = 3
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -59,12 +58,6 @@ class Output:
     image: Path
     mask: Path
     overlay: Path
-
-
-def _listed(paths: list[str], more: int = 0) -> str:
-    """``a, b, c and 4 more``: the first :data:`SHOWN` of ``paths``."""
-    rest = len(paths) - SHOWN + more
-    return ", ".join(paths[:SHOWN]) + (f" and {rest} more" if rest > 0 else "")
 
 
 def input_images(source: Path) -> tuple[Path, list[str]]:
@@ -140,16 +133,16 @@ def check_outputs(source: Path, output: Path, plan: list[Output], overwrite: boo
         raise DataError(f"output {target} would write over the input image {image}{more}; "
                         "choose another output folder, outside the input")
 
-    if source.is_dir():
-        real_source = source.resolve()
-        inside = [t for t in targets if t.resolve().is_relative_to(real_source)]
-        if inside:
-            real_output = output.resolve()
-            where = (f"output folder {output} is the input folder" if real_output == real_source else
-                     f"output folder {output} is inside the input folder {source}" if real_output.is_relative_to(real_source) else
-                     f"output {inside[0]} would land inside the input folder {source}")
-            raise DataError(f"{where}: the next predict on {source} would read the masks and overlays "
-                            f"as images; choose an output folder outside {source}")
+    folder = source if source.is_dir() else source.parent  # one image: its folder is the input's
+    real_source = folder.resolve()
+    inside = [t for t in targets if t.resolve().is_relative_to(real_source)]
+    if inside:
+        real_output = output.resolve()
+        where = (f"output folder {output} is the input folder" if real_output == real_source else
+                 f"output folder {output} is inside the input folder {folder}" if real_output.is_relative_to(real_source) else
+                 f"output {inside[0]} would land inside the input folder {folder}")
+        raise DataError(f"{where}: the next predict on {folder} would read the masks and overlays "
+                        f"as images; choose an output folder outside {folder}")
 
     for folder in sorted({t.parent for t in targets}):
         for parent in (folder, *folder.parents):
@@ -165,7 +158,7 @@ def check_outputs(source: Path, output: Path, plan: list[Output], overwrite: boo
     if existing and not overwrite:
         shown = [os.path.relpath(t, output) for t in existing]
         raise DataError(f"{len(existing)} of the {len(targets)} output files already exist in {output} "
-                        f"({_listed(shown)}); pass overwrite=true to replace them (rerunning predict into "
+                        f"({listed(shown)}); pass overwrite=true to replace them (rerunning predict into "
                         "the same folder needs it), or choose another output folder")
 
     for item in plan:  # the headers only: a missing or foreign file is found before the model is loaded

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from ..atomic import remove_stale_temporaries
-from ..config import RESULT_NEUTRAL_KEYS, save_config
+from ..config import DEFAULTS, RESULT_NEUTRAL_KEYS, save_config
 from ..models.registry import config_options
 from ..models.segmenter import SegmentationModel
 from ..models.transunet import PATCH_STRIDE
@@ -59,15 +59,25 @@ def with_model(config: dict[str, Any], model: SegmentationModel | None) -> dict[
     return {**config, "model": section}
 
 
-def config_differences(saved: dict[str, Any], config: dict[str, Any], prefix: str = "") -> list[str]:
-    """``key: A there, B here`` for every setting that differs, the result-neutral ones left out."""
+def config_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """``key: A there, B here`` for every setting that differs, the result-neutral ones left out.
+
+    A key the saved config lacks (a run made by an older ddep) counts as its default; with the same
+    ``init``, the model is init's either way, so the ``model`` sections are not compared."""
+    defaults = next((d for d in DEFAULTS.values() if d.keys() == config.keys()), {})
+    same_init = bool(saved.get("init")) and saved.get("init") == config.get("init")
+    skip = {*RESULT_NEUTRAL_KEYS, *(["model"] if same_init else [])}
+    return _differences({k: v for k, v in saved.items() if k not in skip}, {k: v for k, v in config.items() if k not in skip},
+                        {k: v for k, v in defaults.items() if k not in skip})
+
+
+def _differences(saved: dict[str, Any], config: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(saved) | set(config)):
-        if not prefix and key in RESULT_NEUTRAL_KEYS:
-            continue
-        a, b = saved.get(key), config.get(key)
+        default = defaults.get(key)
+        a, b = saved.get(key, default), config.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
+            out += _differences(a, b, default if isinstance(default, dict) and key != "options" else {}, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} there, {b!r} here")
     return out

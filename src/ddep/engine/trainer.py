@@ -133,14 +133,14 @@ def total_steps(config: dict[str, Any], train_images: int, world_size: int = 1) 
 RUN_FILES = ("checkpoints/last.pt", "checkpoints/last-previous.pt", "checkpoints/best.pt", "model/model.safetensors")
 
 
-def check_free_space(run_dir: Path, model: nn.Module, trainable: list[nn.Parameter]) -> None:
+def check_free_space(run_dir: Path, model: nn.Module, trainable: list[nn.Parameter], best: bool = False) -> None:
     """Refuse to start when the run folder's disk cannot hold the run's checkpoints: the last one,
-    the one before it, one being written and the best (weights plus Adam's two moments), and the
-    exported model. The run's own files of those kinds are replaced by its saves, so a resumed
-    run counts their space as its own."""
+    the one before it, one being written and, when a held-out split chooses one, the best (weights
+    plus Adam's two moments), and the exported model. The run's own files of those kinds are
+    replaced by its saves, so a resumed run counts their space as its own."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
-    need = 3 * (weights + moments) + weights
+    need = (3 + best) * (weights + moments) + weights
     held = {}
     for name in RUN_FILES:
         path = run_dir / name
@@ -180,7 +180,8 @@ class Trainer:
         if self.use_channels_last:
             model.to(memory_format=torch.channels_last)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        check_free_space(run_dir, model, self.params)  # on every rank, so that none goes on alone
+        # on every rank, so that none goes on alone
+        check_free_space(run_dir, model, self.params, best=bool(config["data"].get("select_fraction")))
         self.optimizer = build_optimizer(self.params, optim, lr)
         # fp16's narrow range lets small gradients underflow to zero: scale the loss up, and skip
         # the steps whose scaled gradients overflow (bf16 has fp32's range and needs none of this)

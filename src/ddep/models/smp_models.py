@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from segmentation_models_pytorch.base.initialization import initialize_head
 from torch import nn
 
-from ..atomic import fsync_dir
+from ..atomic import fsync_dir, write_error
 from ..choices import check_choice, did_you_mean
 from .decoder import recomputed
 from .encoders import check_timm_name
@@ -248,8 +248,8 @@ def to_smp(model: SmpModel) -> nn.Module:
 def save_smp(model: SmpModel, directory: str | os.PathLike) -> Path:
     """smp's ``save_pretrained`` folder (config.json, model.safetensors, README.md).
 
-    smp writes into a temporary folder beside ``directory``; each of its files then replaces its
-    namesake in ``directory`` (a rename: whole or not at all), with the permissions of a new file
+    smp writes into a temporary folder beside ``directory``; once all its files are on disk, each
+    replaces its namesake in ``directory`` (a rename), the weights first, with the permissions of a new file
     under the umask (safetensors writes through a 0600 temporary file). Other files in ``directory``
     are left alone. A failure (a full disk, say) removes the temporary folder and raises an
     ``OSError`` naming ``directory``."""
@@ -266,14 +266,16 @@ def save_smp(model: SmpModel, directory: str | os.PathLike) -> Path:
             code = re.search(r"os error (\d+)", str(e))
             number = int(code[1]) if code else errno.EIO
             raise OSError(number, os.strerror(number) if code else str(e)) from None
-        directory.mkdir(parents=True, exist_ok=True)
-        for file in sorted(partial.iterdir()):
+        files = sorted(partial.iterdir(), key=lambda file: file.suffix != ".safetensors")  # the weights first
+        for file in files:  # every file on disk before any replaces its namesake
             os.chmod(file, 0o666 & ~umask)
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+        directory.mkdir(parents=True, exist_ok=True)
+        for file in files:
             os.replace(file, directory / file.name)
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {directory}: {e.strerror or e}") from None
+        raise write_error(e, directory) from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     fsync_dir(directory)
