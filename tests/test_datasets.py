@@ -113,7 +113,7 @@ def test_missing_root_split_and_mask(tmp_path):
 def test_image_without_mask_in_a_folder(tmp_path):
     fake_data.folder(tmp_path)
     (tmp_path / "masks" / "img2.png").unlink()
-    with pytest.raises(DataError, match=r"images/img2.jpg: no mask \(expected .*masks/img2.png\)"):
+    with pytest.raises(DataError, match=r"images/img2.jpg: no mask \(expected .*masks/img2.png, .tif or .tiff\)"):
         build_dataset("folder", tmp_path, num_classes=3)
 
 
@@ -193,3 +193,49 @@ def test_unknown_names_and_options(tmp_path):
         build_dataset("folder", tmp_path, num_clases=3)
     with pytest.raises(ValueError, match="needs a root folder"):
         build_dataset("ade20k")
+
+
+def test_tiff_images_and_masks_and_mask_suffixes_in_any_case(tmp_path):
+    """.tif/.tiff images and 8/16-bit TIFF masks read as PNGs do; a mask is found by stem whatever
+    the case of its .png/.tif/.tiff suffix."""
+    import tifffile
+
+    fake_data.save(fake_data.rgb(0), tmp_path / "images" / "a.tif")
+    fake_data.save(fake_data.mask([0, 1]), tmp_path / "masks" / "a.tif")
+    fake_data.save(fake_data.rgb(1), tmp_path / "images" / "b.TIFF")
+    tifffile.imwrite(tmp_path / "masks" / "b.tiff", np.tile(np.array([2, 255], np.uint16), (32, 32)))
+    fake_data.save(fake_data.rgb(2), tmp_path / "images" / "c.PNG")
+    fake_data.save(fake_data.mask([1, 2]), tmp_path / "masks" / "c.PNG")
+    fake_data.save(fake_data.rgb(3), tmp_path / "images" / "d.jpg")
+    tifffile.imwrite(tmp_path / "masks" / "d.TIF", np.tile(np.array([0, 2], np.uint8), (32, 32)), byteorder=">")
+    ds = build_dataset("folder", tmp_path, num_classes=3)
+    assert ds.pairs == [("images/a.tif", "masks/a.tif"), ("images/b.TIFF", "masks/b.tiff"),
+                        ("images/c.PNG", "masks/c.PNG"), ("images/d.jpg", "masks/d.TIF")]
+    assert [unique(ds[i]["mask"]) for i in range(4)] == [[0, 1], [2, 255], [1, 2], [0, 2]]
+    expected = torch.from_numpy(np.array(fake_data.rgb(0))).permute(2, 0, 1) / 255
+    assert torch.allclose(ds[0]["image"], expected)  # the TIFF's pixels, unchanged
+
+
+def test_sixteen_bit_tiff_images_are_refused_in_one_line(tmp_path):
+    import tifffile
+
+    fake_data.folder(tmp_path, count=2)
+    for i in range(2):
+        (tmp_path / "images" / f"img{i}.jpg").unlink()
+    tifffile.imwrite(tmp_path / "images" / "img0.tif", np.full((32, 64), 1000, np.uint16))
+    tifffile.imwrite(tmp_path / "images" / "img1.tif", np.full((32, 64, 3), 1000, np.uint16), photometric="rgb")
+    ds = build_dataset("folder", tmp_path, num_classes=3)
+    with pytest.raises(DataError, match=r"img0.tif: I;16 image with more than 8 bits per channel; convert it to 8-bit RGB"):
+        ds[0]
+    # PIL reads a 16-bit RGB TIFF as 8-bit RGB, keeping the high bytes: refused, not silently darkened
+    with pytest.raises(DataError, match=r"img1.tif: 16-bit RGB image with more than 8 bits per channel; convert it to 8-bit RGB"):
+        ds[1]
+
+
+def test_a_lossy_mask_is_named_where_the_mask_is_missing(tmp_path):
+    fake_data.folder(tmp_path, count=2)
+    (tmp_path / "masks" / "img1.png").unlink()
+    fake_data.save(fake_data.rgb(1).convert("L"), tmp_path / "masks" / "img1.jpg")
+    with pytest.raises(DataError, match=r"images/img1.jpg: no mask; found .*masks/img1.jpg: masks must be lossless \(PNG/TIFF\): "
+                                        r"JPEG changes the ids"):
+        build_dataset("folder", tmp_path, num_classes=3)

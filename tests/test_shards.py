@@ -314,6 +314,7 @@ def test_pretraining_from_shards_through_the_cli_resumes_exactly(data, monkeypat
     with caplog.at_level(logging.WARNING):  # the order depends on the workers: another count is no exact resume
         assert main(["pretrain", *args, "data.num_workers=0", "name=straight", "--resume"]) == 0
     assert "saved with data.num_workers=2, resumed with 0: the shards' order depends on it" in caplog.text
+    capsys.readouterr()  # the runs' summaries
     assert main(["pretrain", "--dry-run", *args, "epochs=2", "steps=null"]) == 0
     assert json.loads(capsys.readouterr().out)["train_images"] == 11
     assert main(["pretrain", *args, "data.decode=gpu", "steps=1", "name=device-decoding"]) == 0
@@ -322,8 +323,12 @@ def test_pretraining_from_shards_through_the_cli_resumes_exactly(data, monkeypat
 
 def test_shard_folder_problems_are_one_line_errors(shards_of_photos, data, capsys, monkeypatch):
     source, out = shards_of_photos
-    with pytest.raises(DataError, match="no index.json; write shards there with `ddep shards --input IMAGES --output"):
+    with pytest.raises(DataError, match=f"{source} holds images, not tar shards: data.dataset=unlabeled reads them as they are, "
+                                        f"or write shards of them elsewhere with `ddep shards --input {source} --output SHARDS`"):
         build_dataset("shards", source)
+    (source.parent / "no-shards").mkdir()
+    with pytest.raises(DataError, match="no index.json; write shards there with `ddep shards --input IMAGES --output"):
+        build_dataset("shards", source.parent / "no-shards")
     shard = out / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:1024])
     with pytest.raises(DataError, match=r"shard-000001.tar: 1024 bytes, but index.json says \d+ \(a partial copy\?\)"):
@@ -346,7 +351,7 @@ def test_shard_folder_problems_are_one_line_errors(shards_of_photos, data, capsy
         ShardImages(out)
     Path("empty").mkdir()
     assert main(["shards", "--input", "empty", "--output", "out"]) == 1
-    assert "ddep shards: error: no images (.jpg, .jpeg, .png, .webp, .bmp) found under" in capsys.readouterr().err
+    assert "ddep shards: error: no images (.jpg, .jpeg, .png, .webp, .bmp, .tif, .tiff) found under" in capsys.readouterr().err
 
 
 TORCHRUN_SCRIPT = """
@@ -375,3 +380,50 @@ def test_two_gloo_processes_read_disjoint_samples_that_make_the_epoch(even_shard
     rank0, rank1 = json.loads((tmp_path / "names.json").read_text())
     assert len(rank0) == len(rank1) == 12 and not set(rank0) & set(rank1)
     assert sorted(rank0 + rank1) == sorted(f"{i:02d}.png" for i in range(24))
+
+
+def jpeg_bytes(seed: int = 0, **options) -> bytes:
+    buffer = io.BytesIO()
+    fake_data.rgb(seed, size=(48, 48)).save(buffer, format="JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def test_device_decoding_takes_jpegs_with_bytes_after_the_end_and_refuses_cut_ones(tmp_path):
+    """Shards from other tools hold JPEGs with bytes after the end-of-image marker (padding, an
+    appended preview): PIL and torchvision decode them, so the workers' check passes them. A JPEG
+    cut short is still refused: padded after the cut, or with an end marker in its EXIF thumbnail."""
+    from torchvision.io import decode_jpeg
+
+    from ddep.data.shards import check_jpeg
+
+    plain, progressive = jpeg_bytes(), jpeg_bytes(progressive=True)
+    thumbnail = b"Exif\x00\x00" + jpeg_bytes(1)  # an APP1 segment holding a whole JPEG, end marker included
+    with_thumbnail = jpeg_bytes(exif=thumbnail)
+    assert with_thumbnail.count(b"\xff\xd9") == 2
+    for jpeg in (plain, progressive, with_thumbnail):
+        for tail in (bytes(100), b"\xff" * 70, b"\xff\xd9" + bytes(5000), jpeg_bytes(2)):
+            check_jpeg("padded", jpeg + tail)
+            decoded = decode_jpeg(torch.frombuffer(bytearray(jpeg + tail), dtype=torch.uint8))
+            assert torch.equal(decoded, decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)))
+        for cut in (jpeg[: len(jpeg) * 3 // 4], jpeg[: len(jpeg) * 3 // 4] + bytes(100), jpeg[:-2], jpeg[:-2] + bytes(64)):
+            with pytest.raises(DataError, match="cut: truncated JPEG"):
+                check_jpeg("cut", cut)
+    root = tmp_path / "wds"
+    root.mkdir()
+    with tarfile.open(root / "padded-0000.tar", "w") as tar:
+        for name, data in (("a.jpg", plain + bytes(1000)), ("b.jpg", with_thumbnail[: len(with_thumbnail) - 300] + bytes(300))):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    index_shards(root)
+    dataset = ShardImages(root, pretrain_transforms(16), shuffle_shards=1, decode="gpu")
+    stream = iter(dataset)
+    assert [next(stream)["name"] for _ in range(2)] == ["a", "a"] and dataset.unreadable == {"b"}
+
+
+def test_the_writer_refuses_a_labeled_datasets_root(tmp_path):
+    root = fake_data.folder(tmp_path / "data")
+    with pytest.raises(DataError, match=r"data is a labeled dataset's root \(images/ beside masks/\): its masks would be read as "
+                                        r"photos; use --input .*data/images for its images$"):
+        write_shards(root, tmp_path / "out", workers=1, progress=False, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()

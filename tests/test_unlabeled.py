@@ -74,3 +74,30 @@ def test_empty_and_missing_folders(tmp_path):
         build_dataset("unlabeled", tmp_path / "empty", cache_dir=tmp_path / "cache")
     with pytest.raises(DataError, match="image folder not found"):
         build_dataset("unlabeled", tmp_path / "missing")
+
+
+def test_tiff_images_are_listed(tmp_path):
+    root = imagenet_like(tmp_path / "imgs")
+    fake_data.save(fake_data.rgb(7), root / "n01" / "scan.tif")
+    fake_data.save(fake_data.rgb(8), root / "n01" / "scan2.TIFF")
+    ds = build_dataset("unlabeled", root, cache_dir=tmp_path / "cache")
+    assert {"n01/scan.tif", "n01/scan2.TIFF"} <= set(ds.files) and ds[ds.files.index("n01/scan.tif")]["image"].shape == (3, 32, 64)
+
+
+@pytest.mark.parametrize("layout, images, hint", [
+    ("folder", "images", "data.options.source=folder data.options.num_classes=K"),
+    ("cityscapes", "leftImg8bit/train", "data.options.source=cityscapes"),
+    ("ade20k", "ADEChallengeData2016/images/training", "data.options.source=ade20k"),
+    ("pascal_context", "VOC2010/JPEGImages", "data.options.source=pascal_context"),
+])
+def test_a_labeled_datasets_root_is_refused_naming_its_image_folder(tmp_path, layout, images, hint):
+    """Pointed at a labeled dataset's root, pretraining would read its masks as photos."""
+    root = getattr(fake_data, layout)(tmp_path / "data")
+    with pytest.raises(DataError) as info:
+        build_dataset("unlabeled", root, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert message.startswith(f"{root} is a labeled dataset's root (") and "its masks would be read as photos" in message
+    assert "\n" not in message and f"data.root={root / images} for its" in message and hint in message
+    assert len(build_dataset("unlabeled", root / images, cache_dir=tmp_path / "cache")) >= 2
+    options = {"num_classes": 3} if layout == "folder" else {}
+    assert len(build_dataset("unlabeled", root, source=layout, **options)) >= 2

@@ -153,3 +153,27 @@ def test_non_tensor_payload_is_refused(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(ValueError, match="list.pth: expected a mapping of names to tensors"):
         read_state_dict(path)
+
+
+def test_a_name_is_a_tag_even_where_a_folder_or_file_of_that_name_exists(tmp_path, monkeypatch):
+    """Only a value that looks like a path (a separator, a weight-file suffix, or a Path object) is
+    a file: an `imagenet` folder in the working directory does not turn the tag into a missing file."""
+    from pathlib import Path
+
+    from ddep.models.weights import weights_kind
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "default").write_text("")
+    (tmp_path / "mine").write_bytes(b"weights without a suffix")
+    for tag in ("imagenet", "default", "a1_in1k", "mine"):
+        assert weights_kind(tag) == "tag", tag
+    assert weights_kind("efficientnet-lite0") == "offline" and weights_kind(None) == "none"
+    for path in ("./imagenet", "imagenet/", "runs/x/encoder.safetensors", "w.pth", "W.PT", "r18.bin", Path("imagenet")):
+        assert weights_kind(path) == "file", path
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-ddep-cache")
+    with pytest.raises(RuntimeError, match="could not download pretrained weights 'resnet18.tv_in1k'"):
+        ddep.build_model("unet", "resnet18", encoder_weights="imagenet")  # the tag, not the folder
+    with pytest.raises(ValueError, match=r"'mine' is neither a file nor a timm tag .* a file 'mine' is here: write ./mine to load it"):
+        ddep.build_model("unet", "resnet18", encoder_weights="mine")

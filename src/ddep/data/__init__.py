@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from ..choices import check_choice, check_options
 from .io import DataError, read_image, read_mask
-from .labeled import ADE20K, Cityscapes, FolderDataset, PascalContext59, SegmentationDataset
+from .labeled import ADE20K, Cityscapes, FolderDataset, PascalContext59, SegmentationDataset, check_pairs
 from .transforms import CROP_PRESETS, IGNORE_INDEX
 from .shards import ShardImages
 from .unlabeled import UnlabeledImages
@@ -77,5 +77,5 @@ def _keywords(cls: type) -> set[str]:
 
 __all__ = [
     "build_dataset", "DATASETS", "DataError", "SegmentationDataset", "Cityscapes", "ADE20K", "PascalContext59",
-    "FolderDataset", "UnlabeledImages", "ShardImages", "read_image", "read_mask", "CROP_PRESETS", "IGNORE_INDEX",
+    "FolderDataset", "UnlabeledImages", "ShardImages", "read_image", "read_mask", "check_pairs", "CROP_PRESETS", "IGNORE_INDEX",
 ]

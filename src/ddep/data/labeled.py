@@ -7,19 +7,26 @@ path relative to the root), after ``transform`` (default: :class:`~ddep.data.tra
 """
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import os
+import tempfile
+import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..atomic import write_text_atomic
 from .classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_TO_TRAIN_ID, PASCAL_CONTEXT_59_CLASSES
-from .io import IMAGE_EXTENSIONS, DataError, read_image, read_mask
+from .io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, DataError, inspect_image, read_image, read_mask
 from .transforms import IGNORE_INDEX, ToTensor, Transform
 
 Pair = tuple[str, str]  # (image, mask) paths relative to the dataset root
+log = logging.getLogger(__name__)
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -116,18 +123,49 @@ class SegmentationDataset(Dataset):
                 f"{path}: label values {shown} outside 0..{self.num_classes - 1} and {IGNORE_INDEX} (after id mapping)"
             )
 
+    @staticmethod
+    def check_size(mask: np.ndarray, image_size: tuple[int, int], mask_path: Path, image_path: Path) -> None:
+        """Refuse a mask whose size is not its image's ``(width, height)``."""
+        if mask.shape != (image_size[1], image_size[0]):
+            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
+                            f"{image_size[0]}x{image_size[1]}")
+
     def __getitem__(self, index: int) -> dict:
         image_rel, mask_rel = self.pairs[index]
         image = read_image(self.root / image_rel)
         mask = self.load_mask(self.root / mask_rel)
-        if mask.shape != (image.height, image.width):
-            raise DataError(
-                f"{self.root / mask_rel}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
-                f"{self.root / image_rel} is {image.width}x{image.height}"
-            )
+        self.check_size(mask, image.size, self.root / mask_rel, self.root / image_rel)
         self.check_labels(mask, self.root / mask_rel)
         sample = {"image": image, "mask": Image.fromarray(mask.astype(np.uint8, copy=False)), "name": image_rel}
         return self.transform(sample)
+
+    def problems(self, index: int, full: bool = False) -> list[str]:
+        """What :meth:`__getitem__` would refuse in pair ``index``, one line per problem (image and
+        mask checked apart, so both are named), without decoding the image unless ``full``: the
+        image by :func:`~ddep.data.io.inspect_image`; the mask read whole, as for training
+        (:meth:`load_mask`, :meth:`check_labels`: ids are a property of every pixel)."""
+        image_rel, mask_rel = self.pairs[index]
+        image_path, mask_path = self.root / image_rel, self.root / mask_rel
+        found, size = [], None
+        try:
+            size = inspect_image(image_path, full)
+        except Exception as e:  # noqa: BLE001 - one odd file must not hide the others
+            found.append(_problem(e, image_path))
+        try:
+            mask = self.load_mask(mask_path)
+            if size is not None:
+                self.check_size(mask, size, mask_path, image_path)
+            self.check_labels(mask, mask_path)
+        except Exception as e:  # noqa: BLE001
+            found.append(_problem(e, mask_path))
+        return found
+
+
+def _problem(error: Exception, path: Path) -> str:
+    """An exception as one line naming its file (:class:`DataError` messages name it already)."""
+    if isinstance(error, DataError):
+        return " ".join(str(error).split())
+    return f"{path}: cannot be read ({type(error).__name__}: {' '.join(str(error).split())})"
 
 
 class Cityscapes(SegmentationDataset):
@@ -167,16 +205,32 @@ def _find_layout_root(root: Path, folder: str, what: str) -> Path:
     return root / folder if (root / folder).is_dir() else root
 
 
-def _pairs_by_stem(image_dir: Path, mask_dir: Path, root: Path, image_suffixes: Sequence[str], mask_suffix: str = ".png") -> list[Pair]:
-    """Pair every image under ``image_dir`` with the mask of the same relative path and stem."""
+def _pairs_by_stem(image_dir: Path, mask_dir: Path, root: Path, image_suffixes: Sequence[str]) -> list[Pair]:
+    """Pair every image under ``image_dir`` with the mask of the same relative path and stem: a
+    PNG or TIFF (:data:`~ddep.data.io.MASK_EXTENSIONS`, any case; ``.png`` first where several
+    exist). Where only a lossy file of that stem is there (a JPEG), the error names it."""
     require_dir(image_dir, "image folder")
     require_dir(mask_dir, "mask folder")
+    masks: dict[str, list[Path]] = {}
+    for path in mask_dir.rglob("*"):
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            masks.setdefault(str(path.relative_to(mask_dir).with_suffix("")), []).append(path)
+    preference = {suffix: rank for rank, suffix in enumerate(MASK_EXTENSIONS)}
     pairs = []
     for image in sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in image_suffixes):
-        mask = (mask_dir / image.relative_to(image_dir)).with_suffix(mask_suffix)
-        if not mask.is_file():
-            raise DataError(f"{image}: no mask (expected {mask})")
-        pairs.append((str(image.relative_to(root)), str(mask.relative_to(root))))
+        stem = str(image.relative_to(image_dir).with_suffix(""))
+        found = masks.get(stem, [])
+        usable = sorted((p for p in found if p.suffix.lower() in preference),
+                        key=lambda p: (preference[p.suffix.lower()], p.suffix != p.suffix.lower(), p.name))
+        if not usable:
+            if not found:
+                raise DataError(f"{image}: no mask (expected {mask_dir / stem}{MASK_EXTENSIONS[0]}, "
+                                f"{' or '.join(MASK_EXTENSIONS[1:])})")
+            other = sorted(found)[0]
+            if other.suffix.lower() in (".jpg", ".jpeg"):
+                raise DataError(f"{image}: no mask; found {other}: masks must be lossless (PNG/TIFF): JPEG changes the ids")
+            raise DataError(f"{image}: no mask; found {other}: masks are read from PNG or TIFF files; save it as PNG")
+        pairs.append((str(image.relative_to(root)), str(usable[0].relative_to(root))))
     return pairs
 
 
@@ -226,7 +280,8 @@ SPLIT_FOLDERS = ("train", "val", "test", "training", "validation", "trainval")
 
 class FolderDataset(SegmentationDataset):
     """A user's own data: ``<root>/<img_dir>`` and ``<root>/<ann_dir>`` matched by relative path
-    and stem (masks are PNG). When ``<img_dir>/<split>`` exists, that subfolder is the split; when
+    and stem (images of :data:`~ddep.data.io.IMAGE_EXTENSIONS`; masks PNG or TIFF, any case of the
+    suffix). When ``<img_dir>/<split>`` exists, that subfolder is the split; when
     ``<img_dir>`` has other split folders (``train``, ``val``, ...) but not that one, the split is
     an error; otherwise (one flat folder) every split is the whole folder, which fine-tuning and
     evaluation refuse to report on when it holds trained images.
@@ -287,7 +342,8 @@ class FolderDataset(SegmentationDataset):
                 raise DataError(f"{path}: {len(names)} class names but num_classes={num_classes}")
             return names
         if not isinstance(num_classes, int) or not 1 <= num_classes <= IGNORE_INDEX:
-            raise DataError(f"folder dataset needs num_classes (1..255) or classes_file; got num_classes={num_classes!r}")
+            raise DataError("folder dataset needs num_classes (1..255) or classes_file (in a config: data.options.num_classes=K); "
+                            f"got num_classes={num_classes!r}")
         return tuple(f"class_{i}" for i in range(num_classes))
 
 
@@ -345,3 +401,109 @@ def check_label_encoding(dataset: Dataset, indices: Sequence[int] | None = None,
         raise DataError(f"in {where} 255 (ignore) covers {ignored:.0%} of the pixels and class {shown} never appears: if 255 "
                         f"marks a class, map it ('data.options.label_map={{255: {missing[0]}}}'); if the masks are sparse on "
                         "purpose, data.options.label_check=false")
+
+
+#: Problems named in :func:`check_pairs`'s one-line error; the rest go to its report file.
+SHOWN_PROBLEMS = 3
+#: Below this many pairs, :func:`check_pairs` works in this process (starting workers costs more).
+PARALLEL_FROM = 64
+
+
+def check_pairs(dataset: Dataset, indices: Sequence[int] | None = None, workers: int | None = None, full: bool = False,
+                report: str | os.PathLike | None = None, progress: bool = False) -> None:
+    """Check every labeled pair (or those at ``indices``) before training, so that a bad file
+    stops the run at its start instead of after some steps; one :class:`DataError` names them all.
+
+    Checked per pair, as :meth:`SegmentationDataset.__getitem__` would refuse it: the image is
+    readable, not cut short, 8 bits per channel (by header, and for JPEG and PNG by walking the
+    file's structure to its end marker, without decoding; ``full=True`` decodes every image, which
+    also finds a damaged compressed stream); the mask is readable and holds ids in range after the
+    dataset's own mapping (Cityscapes labelIds, reduce-zero-label, ``label_map``, ``palette``: it
+    is read whole by the dataset's :meth:`~SegmentationDataset.load_mask`); the mask has the
+    image's size. Work is spread over ``workers`` processes (default: every usable core from
+    :data:`PARALLEL_FROM` pairs on, else this process; forked where the OS allows). Datasets
+    without files (``demo``) pass at once; a ``LabeledSubset`` or torch ``Subset`` is checked on
+    its own items.
+
+    The error is one line: how many pairs of how many cannot be used, the first
+    :data:`SHOWN_PROBLEMS` problems (paths relative to the root), and where there are more, the
+    file listing every one (``report``, default a new file in the temporary folder)."""
+    while hasattr(dataset, "dataset") and hasattr(dataset, "indices"):  # LabeledSubset, torch Subset
+        chosen = list(dataset.indices)
+        indices = chosen if indices is None else [chosen[i] for i in indices]
+        dataset = dataset.dataset
+    if not isinstance(dataset, SegmentationDataset):
+        return
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    if not indices:
+        return
+    started = time.perf_counter()
+    if workers is None:
+        workers = _usable_cores() if len(indices) >= PARALLEL_FROM else 1
+    size = max(1, min(256, -(-len(indices) // (max(1, workers) * 16))))  # 16 chunks a worker, for the progress bar
+    chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+    workers = max(1, min(workers, len(chunks)))
+    from tqdm import tqdm
+
+    found: list[list[str]] = []
+    with tqdm(total=len(indices), desc="checking pairs", unit="pair", dynamic_ncols=True, disable=not progress) as bar:
+        if workers == 1:
+            for chunk in chunks:
+                found += [dataset.problems(i, full) for i in chunk]
+                bar.update(len(chunk))
+        else:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_checking, initargs=(dataset, full)) as pool:
+                try:
+                    for chunk, result in zip(chunks, pool.map(_check_chunk, chunks)):
+                        found += result
+                        bar.update(len(chunk))
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    elapsed = time.perf_counter() - started
+    log.info("checked %d labeled pairs in %.1f s (%.0f pairs/s, %d processes)", len(indices), elapsed,
+             len(indices) / max(elapsed, 1e-9), workers)
+    bad = [problems for problems in found if problems]
+    if not bad:
+        return
+    problems = [problem for pair in bad for problem in pair]
+    prefix = f"{dataset.root}{os.sep}"
+    shown = "; ".join(problem.replace(prefix, "") for problem in problems[:SHOWN_PROBLEMS])
+    message = f"{len(bad)} of {len(indices)} labeled pairs under {dataset.root} cannot be used: {shown}"
+    if len(problems) > SHOWN_PROBLEMS:
+        path = _write_report(report, f"# {len(bad)} of {len(indices)} labeled pairs under {dataset.root} cannot be used", problems)
+        message += f"; and {len(problems) - SHOWN_PROBLEMS} more: every problem is listed in {path}"
+    raise DataError(message)
+
+
+_CHECKING: tuple[SegmentationDataset, bool] | None = None  # a checking worker's dataset and ``full``
+
+
+def _start_checking(dataset: SegmentationDataset, full: bool) -> None:
+    global _CHECKING
+    _CHECKING = dataset, full
+
+
+def _check_chunk(indices: list[int]) -> list[list[str]]:
+    dataset, full = _CHECKING
+    return [dataset.problems(i, full) for i in indices]
+
+
+def _usable_cores() -> int:
+    """The cores this process may use: its share when torchrun started several on the machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _write_report(report: str | os.PathLike | None, header: str, problems: list[str]) -> Path:
+    """``problems`` one per line in ``report``, or in a new file of the temporary folder."""
+    text = "\n".join([header, *problems]) + "\n"
+    if report is not None:
+        write_text_atomic(Path(report), text)
+        return Path(report)
+    handle, name = tempfile.mkstemp(prefix="ddep-bad-pairs-", suffix=".txt")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    return Path(name)

@@ -29,19 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import remove_stale_temporaries, write_atomic, write_text_atomic
+from ..config import SHARD_MAX_SIZE as DEFAULT_MAX_SIZE
+from ..config import SHARD_PER_SHARD as DEFAULT_PER_SHARD
+from ..config import SHARD_QUALITY as DEFAULT_QUALITY
 from .io import IMAGE_EXTENSIONS, DataError, read_image
 from .labeled import require_dir
 from .shards import FORMAT, IMAGE_MEMBER_EXTENSIONS, INDEX_FILE, VERSION, encode_key, parse_index, shard_keys, shard_name
-from .unlabeled import cached_image_list
+from .unlabeled import cached_image_list, refuse_labeled_root
 
 log = logging.getLogger(__name__)
 
-#: The longer side a shard keeps. With the pretraining crop's smallest area (a quarter of the image)
-#: a 512 x 384 photo still gives crops of about 222 px across, the 224 px input at full detail, and
-#: ImageNet-1k's typical 500 x 375 photos pass unshrunk (docs/DATA.md).
-DEFAULT_MAX_SIZE = 512
-DEFAULT_PER_SHARD = 1000  # about 43 MiB of the benchmark's photos: few files, long sequential reads
-DEFAULT_QUALITY = 90  # as FFCV's ImageNet files (ffcv-imagenet: write_imagenet.sh 500 0.50 90)
 SETTINGS = ("max_size", "quality", "per_shard")
 SAVE_PROGRESS_SECONDS = 60.0  # how often the unfinished index records the shards finished so far
 
@@ -140,6 +137,7 @@ def write_shards(
     files = cached_image_list(source, cache_dir)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {source}")
+    refuse_labeled_root(source, files, option="--input ", sources=False)
     output.mkdir(parents=True, exist_ok=True)
     settings = {"max_size": max_size, "quality": quality, "per_shard": per_shard}
     listing = listing_hash(files)

