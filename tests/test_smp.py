@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 import ddep
+from ddep.inference import eval_for_model, predict
 from ddep.models import OFFLINE_WEIGHTS
 from ddep.models.saving import load_model, save_model
 from ddep.models.smp_models import save_smp, smp_classes, width_options
@@ -20,6 +21,7 @@ from conftest import assert_config_rebuilds, onnx_matches_pytorch
 from test_freezing import pretraining_step
 
 TINY = "tu-test_resnet"  # timm's 0.5 M-parameter test ResNet, strides 2 to 32
+DPT_TINY = dict(decoder_intermediate_channels=[16, 32, 64, 64], decoder_fusion_channels=16)
 CONTRACT = ["smp:FPN", "smp:DeepLabV3Plus", "smp:UPerNet", "smp:Segformer", "from_smp:Unet"]
 
 
@@ -276,3 +278,48 @@ def test_the_five_lines_of_smp_md_run(tmp_path, monkeypatch, no_network):
     pretrained = load_model(tmp_path / "runs" / "pretrain" / "model")
     for key, value in net.decoder.state_dict().items():  # the user's model holds the pretrained decoder
         assert torch.equal(value, pretrained.decoder.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("arch, encoder, options", [
+    ("smp:PSPNet", "resnet18", {}),  # encoder_depth 3: ResNet-18's layer3 and layer4 unused
+    ("smp:Unet", "resnet18", dict(encoder_depth=4, decoder_channels=[32, 16, 8, 4])),  # layer4 unused
+    ("smp:DPT", "tu-test_vit3", DPT_TINY),  # the ViT's final norm, attention pool and classifier unused
+])
+def test_parameters_smp_never_uses_are_found_at_build_time_frozen_and_kept(arch, encoder, options):
+    model = ddep.build_model(arch, encoder, **options)
+    plain = ddep.to_smp(model).train()  # every parameter trainable: which ones get no gradient?
+    plain(torch.randn(2, 3, 64, 64)).sum().backward()
+    unused = {n for n, p in plain.named_parameters() if p.grad is None}
+    assert unused and set(model.unused_parameters) == unused
+    for frozen in (False, True):  # unfreezing the encoder leaves them frozen
+        if frozen:
+            model.freeze_encoder().unfreeze_encoder()
+        assert {n for n, p in model.named_parameters() if not p.requires_grad} == unused
+    assert unused <= model.state_dict().keys()  # kept: the smp model has them
+
+
+def test_dpt_takes_any_size_its_patch_size_and_decoder_allow():
+    """A ViT made for one size (timm's test_vit3: 160 px) gets timm's dynamic_img_size under smp's DPT.
+    DPT's decoder halves the 1/16 token grid for its 1/32 level and doubles it back: sides in 32s."""
+    model = ddep.build_model("smp:DPT", "tu-test_vit3", **DPT_TINY)
+    assert model.input_divisor == 32
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 3, 64, 96)
+        with pytest.raises(ValueError, match="smp:DPT on tu-test_vit3 needs sides that are multiples of 32; got 40x56 .pad to 64x64"):
+            model(torch.randn(1, 3, 40, 56))
+        shallow = ddep.build_model("smp:DPT", "tu-test_vit3", encoder_depth=3, decoder_intermediate_channels=[16, 32, 64],
+                                   decoder_fusion_channels=16).eval()
+        assert shallow.input_divisor == 16 and shallow(torch.randn(1, 3, 48, 80)).shape == (1, 3, 48, 80)
+        probs = predict(model, torch.randn(1, 3, 40, 56), **eval_for_model({}, model))
+        assert probs.shape == (1, 3, 40, 56)
+        plain = ddep.to_smp(model).eval()
+        assert plain.config["dynamic_img_size"] is True  # saved by save_pretrained: smp's from_pretrained gets it too
+        x = torch.randn(1, 3, 32, 64)
+        assert torch.equal(plain(x), model(x))
+    fixed = ddep.build_model("smp:DPT", "tu-test_vit3", **DPT_TINY, dynamic_img_size=False)
+    with pytest.raises(ValueError, match=r"smp:DPT on tu-test_vit3 with dynamic_img_size=False takes 160x160 inputs only; got 64x64"):
+        fixed(torch.randn(1, 3, 64, 64))
+    wrapped = ddep.from_smp(smp.DPT("tu-test_vit3", encoder_weights=None, **DPT_TINY))  # the user's own, fixed-size
+    assert wrapped.config["dynamic_img_size"] is False
+    assert ddep.from_smp(smp.DPT("tu-test_vit3", encoder_weights=None, **DPT_TINY, dynamic_img_size=True)).config.get(
+        "dynamic_img_size", True) is True

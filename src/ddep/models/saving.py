@@ -1,4 +1,8 @@
-"""Exported models: weights as safetensors plus a JSON config; loading never unpickles code."""
+"""Exported models: weights as safetensors plus a JSON config; loading never unpickles code.
+
+A folder of smp's own ``save_pretrained`` layout (``ddep export``'s ``smp/``, or a user's) loads
+too: its config.json has smp's keys, and the model is rebuilt as ``smp:<Arch>`` without any download.
+"""
 from __future__ import annotations
 
 import json
@@ -12,6 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 from ..atomic import write_atomic, write_text_atomic
 from .registry import build_model
 from .segmenter import SegmentationModel
+from .smp_models import config_from_smp, is_smp_config
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -27,9 +32,24 @@ def save_model(model: SegmentationModel, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def _config_of_built(config: dict) -> dict:
+    """The full config of the model ``config`` builds (the defaults it leaves out filled in): built
+    on the meta device, which holds no weights, or, should that fail, as usual."""
+    try:
+        with torch.device("meta"):
+            return build_model(**dict(config, encoder_weights=None)).config
+    except Exception:  # noqa: BLE001 - an initialiser the meta device lacks, say: build it for real
+        return build_model(**dict(config, encoder_weights=None)).config
+
+
 def model_from_state(config: dict, state: dict[str, torch.Tensor], source: str) -> SegmentationModel:
     """Build ``config``'s architecture without downloading anything and load ``state`` into it."""
-    model = build_model(**dict(config, encoder_weights=None))
+    if "arch" not in config:
+        raise ValueError(f"{source}: its model config names no architecture ('arch')")
+    try:
+        model = build_model(**dict(config, encoder_weights=None))
+    except TypeError as e:  # a config key build_model does not take
+        raise ValueError(f"{source}: not a ddep model config ({e})") from None
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -50,13 +70,37 @@ def model_file(path: str | os.PathLike) -> Path:
     return path / WEIGHTS_FILE if path.is_dir() else path
 
 
+def _exported_config(path: Path) -> dict:
+    """The config.json beside an exported ``model.safetensors`` as :func:`build_model`'s arguments
+    (smp's keys mapped, see :func:`~ddep.models.smp_models.config_from_smp`), in one-line errors."""
+    config_path = path.with_name(CONFIG_FILE)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_FILE} beside it")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not a readable model config ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: not a model config (a JSON object)")
+    if is_smp_config(config):
+        return config_from_smp(config, str(config_path.parent))
+    if "arch" not in config:
+        raise ValueError(f"{config_path}: neither a ddep nor an smp model config (no 'arch', no '_model_class'); give the "
+                         "folder that ddep export or training wrote (its model/), or smp's save_pretrained folder")
+    return config
+
+
 def read_model_config(path: str | os.PathLike) -> dict:
-    """The model config of an exported model folder or a checkpoint, without building the model."""
+    """The model config of an exported model folder (ddep's or smp's) or a checkpoint, without
+    loading the weights."""
     path = model_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
     if path.suffix == ".safetensors":
-        return json.loads(path.with_name(CONFIG_FILE).read_text())
+        config = _exported_config(path)
+        if "mean" in config and "std" in config:
+            return config
+        return _config_of_built(config)  # an smp folder ddep did not write: the encoder's normalisation
     from ..engine.checkpoint import load_checkpoint
 
     return load_checkpoint(path)["model_config"]
@@ -72,11 +116,9 @@ def load_model(path: str | os.PathLike) -> SegmentationModel:
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
     if path.suffix == ".safetensors":
-        config_path = path.with_name(CONFIG_FILE)
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{path}: no {CONFIG_FILE} beside it")
+        config = _exported_config(path)
         try:
-            config, state = json.loads(config_path.read_text()), load_file(str(path))
+            state = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any reader error becomes one clear line
             raise ValueError(f"{path}: not a readable exported model ({type(e).__name__}: {e})") from None
         return model_from_state(config, state, str(path))

@@ -1,11 +1,15 @@
 """The segmentation model: encoder, decoder and head, with the freezing DDeP needs."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+
+log = logging.getLogger(__name__)
 
 
 def check_classes(classes: object) -> None:
@@ -16,6 +20,41 @@ def check_classes(classes: object) -> None:
 def make_head(in_channels: int, classes: int) -> nn.Conv2d:
     """A 3x3 convolution from the decoder's last features to one channel per class."""
     return nn.Conv2d(in_channels, classes, kernel_size=3, padding=1)
+
+
+def find_unused_parameters(model: nn.Module, size: tuple[int, int]) -> tuple[str, ...] | None:
+    """The names of ``model``'s parameters that its output does not depend on (None: not found out).
+
+    One forward pass in training mode on a batch of two ``size`` images, every parameter taken as
+    trainable, on the meta device (shapes only: no arithmetic and no memory, whatever the model's
+    size); the parameters the output's autograd graph does not reach are unused, as DDP's own
+    search finds them. A model that cannot run there (an operation without a meta implementation,
+    a tensor kept outside its parameters and buffers) gives None.
+    """
+    params = {name: torch.empty_like(p, device="meta").requires_grad_() for name, p in model.named_parameters()}
+    buffers = {name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()}
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train()
+        with torch.enable_grad():
+            out = functional_call(model, {**params, **buffers}, (torch.empty(2, 3, *size, device="meta"),), strict=True)
+    except Exception as e:  # noqa: BLE001 - unknown then; DDP searches for them in every step instead
+        log.debug("could not trace %s on the meta device (%s: %s)", type(model).__name__, type(e).__name__, e)
+        return None
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    reached, seen, stack = set(), set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf, i.e. a parameter
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return tuple(name for name, p in params.items() if id(p) not in reached)
 
 
 class SegmentationModel(nn.Module):
@@ -34,13 +73,32 @@ class SegmentationModel(nn.Module):
         self.config = dict(config)
         self.encoder_frozen = False
 
-    #: Input sides must be multiples of this (1: any size); inference pads up to it.
-    input_divisor: int = 1
+    #: The parameters no output depends on, found when the model is built: they stay frozen
+    #: (:meth:`unfreeze_encoder` included), so neither the optimizer nor DDP sees them, and stay in
+    #: the state dict. None: not known, so DDP has to search for unused ones in every step.
+    #: ddep's own architectures use every parameter.
+    unused_parameters: tuple[str, ...] | None = ()
+
+    @property
+    def input_divisor(self) -> int:
+        """Input sides must be multiples of this (1: any size); evaluation and prediction pad up to it."""
+        return getattr(self.encoder, "input_divisor", 1)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Reject inputs the architecture cannot take (overridden where sizes are constrained)."""
+        """Reject inputs the architecture cannot take, in one line that says what to do."""
         if x.dim() != 4:
             raise ValueError(f"expected a batch B x C x H x W; got shape {tuple(x.shape)}")
+        d = self.input_divisor
+        h, w = x.shape[-2:]
+        if h % d or w % d:
+            raise ValueError(f"{self.config['arch']} on {self.config['encoder']} needs sides that are multiples of {d}; "
+                             f"got {h}x{w} (pad to {-(-h // d) * d}x{-(-w // d) * d}, or choose such a crop_size)")
+
+    def freeze_unused_parameters(self, names: tuple[str, ...] | None) -> None:
+        """Record ``names`` as :attr:`unused_parameters` and take their gradients away."""
+        self.unused_parameters = names
+        for name in names or ():
+            self.get_parameter(name).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -66,6 +124,7 @@ class SegmentationModel(nn.Module):
     def unfreeze_encoder(self) -> SegmentationModel:
         """Undo :meth:`freeze_encoder`: gradients again, and the model's current train/eval mode."""
         self.encoder.requires_grad_(True)
+        self.freeze_unused_parameters(self.unused_parameters)  # never used: nothing to train
         self.encoder_frozen = False
         self.encoder.train(self.training)
         return self

@@ -78,6 +78,9 @@ def set_dropout(vit: VisionTransformer, rate: float) -> None:
 class HybridViTEncoder(nn.Module):
     """Features at strides 2, 4, 8 (ResNet) and 16 (ViT tokens) from a timm R50+ViT hybrid."""
 
+    #: input sides must be multiples of the patch stride (evaluation and prediction pad up to it)
+    input_divisor = PATCH_STRIDE
+
     def __init__(
         self,
         name: str = "vit_base_r50_s16_224",
