@@ -13,7 +13,7 @@ from PIL import Image
 import ddep
 import ddep.cli
 import fake_data
-from ddep.data.io import read_image
+from ddep.data.io import IMAGE_EXTENSIONS, read_image
 from ddep.data.transforms import eval_transforms
 from ddep.inference import predict
 from ddep.models.saving import load_model, save_model
@@ -89,7 +89,7 @@ def test_a_jpg_and_a_png_with_one_stem_both_get_their_own_mask(checkpoint, tmp_p
     assert f"wrote 4 masks and 4 overlays to {output}" in out
     for image, mask in [("photo.jpg", "photo.jpg.png"), ("photo.png", "photo.png.png"), ("sub/photo.jpg", "sub/photo.png")]:
         written = Image.open(output / mask)
-        assert written.mode == "L" and written.size == SIZE  # class ids, one channel
+        assert written.mode == "P" and written.size == SIZE  # class ids, one channel (with a palette to view them)
         assert np.array_equal(np.asarray(written), expected_ids(checkpoint, source / image))
     overlays = tree(output)
     assert overlays["photo.jpg_overlay.jpg"] != overlays["photo.png_overlay.jpg"]
@@ -126,7 +126,7 @@ def test_existing_outputs_are_refused_without_overwrite_and_replaced_with_it(che
     assert f"wrote 3 masks and 3 overlays to {output}" in capsys.readouterr().out
     after = tree(output)
     assert len(after) == 7 and after["notes.txt"] == before["notes.txt"] and after["a.png"] != before["a.png"]
-    assert Image.open(output / "a.png").mode == "L"
+    assert Image.open(output / "a.png").mode == "P"
 
     assert run_predict(checkpoint, source, output) == 1  # the same command again
     err = capsys.readouterr().err
@@ -141,7 +141,7 @@ def test_a_file_that_is_not_an_image_is_refused_before_anything_is_written(check
     output = tmp_path / "masks"
     assert run_predict(checkpoint, notes, output) == 1
     err = capsys.readouterr().err
-    assert f"input {notes} is not an image file (.jpg, .jpeg, .png, .webp, .bmp)" in err
+    assert f"input {notes} is not an image file ({', '.join(IMAGE_EXTENSIONS)})" in err
 
     source = photos(tmp_path / "photos", ("a.png",))
     (source / "b.jpg").write_text("a text file named .jpg")
@@ -150,3 +150,50 @@ def test_a_file_that_is_not_an_image_is_refused_before_anything_is_written(check
     assert run_predict(checkpoint, source, output) == 1  # a folder with one bad image: not even a.png is written
     assert f"{source / 'b.jpg'}: not a readable image" in capsys.readouterr().err
     assert not output.exists()
+
+
+#: Pascal VOC's colours of ids 0..4 and 255 (the bit-interleaving colormap mmseg and VOC use)
+VOC = {0: (0, 0, 0), 1: (128, 0, 0), 2: (0, 128, 0), 3: (128, 128, 0), 4: (0, 0, 128), 255: (224, 224, 192)}
+
+
+def test_masks_are_palette_pngs_of_class_ids_in_voc_colours_and_overlays_carry_a_legend(checkpoint, tmp_path, capsys):
+    from ddep.engine.predict import legend_labels, overlay_image, palette
+
+    colours = palette()
+    assert colours.shape == (256, 3) and all(tuple(colours[k]) == rgb for k, rgb in VOC.items())
+    source = photos(tmp_path / "photos", ("a.png", "b.jpg"))
+    output = tmp_path / "masks"
+    assert run_predict(checkpoint, source, output, "class_names=[sky, road, car]") == 0
+    for name in ("a", "b"):
+        mask = Image.open(output / f"{name}.png")
+        ids = expected_ids(checkpoint, source / f"{name}.{'png' if name == 'a' else 'jpg'}")
+        assert mask.mode == "P" and np.array_equal(np.asarray(mask), ids)  # the pixel values are still the ids
+        assert np.array_equal(np.asarray(mask.getpalette(), np.uint8).reshape(-1, 3)[:256], colours)
+        overlay = Image.open(output / f"{name}_overlay.jpg")
+        assert overlay.width >= SIZE[1] and overlay.height > SIZE[0]  # the legend strip below the image
+        blended = 0.5 * np.asarray(read_image(source / f"{name}.{'png' if name == 'a' else 'jpg'}"), np.float32) + 0.5 * colours[ids]
+        top = np.asarray(overlay, np.float32)[:SIZE[0], :SIZE[1]]
+        assert np.abs(top - blended).mean() < 12  # every class blended at 0.5 (the JPEG's loss aside)
+
+    ids = np.array([[0, 2], [2, 2]], np.uint8)  # the legend names the classes present, in id order
+    assert legend_labels(ids, ("sky", "road", "car")) == [(0, "0 sky"), (2, "2 car")]
+    assert legend_labels(ids, None) == [(0, "class 0"), (2, "class 2")]
+    image = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
+    drawn = np.asarray(overlay_image(image, np.kron(ids, np.ones((2, 2), np.uint8)), colours, ("sky", "road", "car")))
+    legend = drawn[4:].reshape(-1, 3)
+    present = {tuple(c) for c in legend}
+    assert tuple(colours[2]) in present and tuple(colours[1]) not in present  # a swatch per present class only
+
+
+def test_class_names_come_from_class_names_or_a_classes_file_and_must_match_the_model(checkpoint, tmp_path, capsys):
+    source = photos(tmp_path / "photos", ("a.png",))
+    names = tmp_path / "names.txt"
+    names.write_text("sky\nroad\ncar\n")
+    assert run_predict(checkpoint, source, tmp_path / "out", f"classes_file={names}") == 0
+    capsys.readouterr()
+    names.write_text("sky\nroad\n")
+    for extra in (f"classes_file={names}", "class_names=[sky, road]"):
+        assert run_predict(checkpoint, source, tmp_path / "two", extra) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.endswith("2 class names but the model predicts 3 classes")
+    assert not (tmp_path / "two").exists()  # refused before anything is written

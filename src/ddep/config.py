@@ -1,7 +1,10 @@
 """Run configuration: defaults per command, a YAML file, and dotted ``key=value`` overrides.
 
 Every key that a command understands appears in its defaults below, so an unknown key is an
-error that names the closest valid one. Values keep the type of their default (an int may stand
+error that names the one key meant, if any: the same last part anywhere (``lr`` -> ``optim.lr``),
+a ``data.options`` key of the dataset chosen (``data.num_classes`` -> ``data.options.num_classes``
+for a folder dataset), another library's name for it (``choices.SYNONYMS``: ``max_iters`` ->
+``steps``), or a close spelling. Values keep the type of their default (an int may stand
 for a float); keys whose default is None take any value, and ``*.options`` sections are passed
 as free-form keyword arguments to the model or dataset constructors, which check them (an option
 set to null is removed, so the constructor's default applies).
@@ -9,6 +12,7 @@ set to null is removed, so the constructor's default applies).
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from typing import Any
 import yaml
 
 from .atomic import write_text_atomic
-from .choices import did_you_mean
+from .choices import SYNONYMS, did_you_mean
 
 COMMON: dict[str, Any] = {
     "name": None,  # run folder name; default: the command
@@ -87,6 +91,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "predict": {
         "checkpoint": None, "input": None, "output": None, "device": "auto", "eval": EVAL,
         "overwrite": False,  # replace output files that already exist (never input images)
+        # the overlay legend's names, one per class: a list, or a file with one name per line; None: "class 0", ...
+        "class_names": None, "classes_file": None,
+        "palette": None,  # one RGB colour per class (e.g. a folder dataset's data.options.palette); None: Pascal VOC's
     },
     "export": {
         "checkpoint": None, "output": None, "onnx": False, "onnx_size": [512, 512],
@@ -94,6 +101,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "verbose": False,  # show the ONNX exporter's INFO lines
     },
 }
+#: ``ddep shards``' defaults (its writer and its command line). The longer side a shard keeps: with
+#: the pretraining crop's smallest area (a quarter of the image) a 512 x 384 photo still gives crops
+#: of about 222 px across, the 224 px input at full detail, and ImageNet-1k's typical 500 x 375
+#: photos pass unshrunk (docs/DATA.md).
+SHARD_MAX_SIZE = 512
+SHARD_PER_SHARD = 1000  # about 43 MiB of the benchmark's photos: few files, long sequential reads
+SHARD_QUALITY = 90  # as FFCV's ImageNet files (ffcv-imagenet: write_imagenet.sh 500 0.50 90)
+
 # The paper's fine-tuning learning rates per decoder width (Adam, cosine decay).
 PAPER_FINETUNE_LR = {1: 6e-5, 2: 1e-4, 3: 6e-5}
 DEFAULTS["finetune"]["optim"] = {**TRAIN["optim"], "lr": None}  # None: PAPER_FINETUNE_LR[decoder_width]
@@ -103,7 +118,7 @@ DEFAULTS["finetune"]["optim"] = {**TRAIN["optim"], "lr": None}  # None: PAPER_FI
 NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
     "name": str, "steps": int, "init": str, "checkpoint": str, "model.encoder_weights": str, "input": str, "output": str,
     "optim.lr": float, "optim.clip_grad_norm": float, "checkpoint_minutes": float, "data.root": str, "data.labeled": (str, int, float), "data.scale": list,
-    "data.val_split_file": str,
+    "data.val_split_file": str, "class_names": (list, str), "classes_file": str, "palette": list,
     "eval.crop_size": list, "eval.stride": list, "eval.size_divisor": int, "eval.test_scale": list,
 }
 
@@ -177,19 +192,55 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def merge(config: dict, updates: dict, defaults: dict, prefix: str = "", root: dict | None = None) -> None:
+def _dataset_options(name: Any) -> list[str]:
+    """The ``data.options`` keys dataset ``name`` takes (none for an unknown name)."""
+    from . import data  # here, not at the top: ddep.data imports this module
+
+    classes = {**data.LABELED, "unlabeled": data.UnlabeledImages, "shards": data.ShardImages}
+    if name == "demo":
+        from .data.demo import DemoDataset
+
+        classes["demo"] = DemoDataset
+    if name not in classes:
+        return []
+    keys = [key for key in inspect.signature(classes[name]).parameters if key not in ("root", "split", "transform", "files")]
+    return keys + ["source"] * (name == "unlabeled")
+
+
+def _unknown_key(full: str, root: dict, whole: dict) -> str:
+    """The one-line error for an unknown key: the key meant (its last part anywhere, a ``data.options``
+    key of the dataset chosen, or another library's name for it), or why there is none."""
+    dataset = whole.get("data", {}).get("dataset") if isinstance(root.get("data"), dict) else None
+    keys = _flat_keys(root) + [f"data.options.{key}" for key in _dataset_options(dataset)]
+    hint = did_you_mean(full, keys, keys=True)
+    leaf = full.rsplit(".", 1)[-1].lower().replace("-", "_")
+    if not hint and "num_classes" in SYNONYMS.get(leaf, ()):
+        command = next((name for name, defaults in DEFAULTS.items() if defaults is root), None)
+        hint = ("; pretraining learns no classes: fine-tuning sets them (data.options.num_classes=K for a folder dataset)"
+                if command == "pretrain" else
+                f"; {command} takes the class count from the model" if command in ("predict", "export") else
+                f"; dataset {dataset!r} has a fixed set of classes" if dataset else "")
+    return f"unknown config key {full!r}{hint}"
+
+
+def merge(config: dict, updates: dict, defaults: dict, prefix: str = "", root: dict | None = None,
+          whole: dict | None = None) -> None:
     """Merge ``updates`` into ``config`` in place, checking keys and types against ``defaults``
-    (``root``: the command's whole defaults, for suggestions across sections)."""
+    (``root``: the command's whole defaults, and ``whole`` the whole config, for suggestions across sections)."""
     root = root or defaults
+    whole = config if whole is None else whole
     for key, value in updates.items():
         full = prefix + key
         if key not in defaults:
-            raise ConfigError(f"unknown config key {full!r}{did_you_mean(full, _flat_keys(root))}")
+            while isinstance(value, dict) and len(value) == 1:  # a section the command lacks: name the whole key typed
+                inner, value = next(iter(value.items()))
+                full = f"{full}.{inner}"
+            raise ConfigError(_unknown_key(full, root, whole))
         default = defaults[key]
         if isinstance(default, dict) and key != "options":
             if not isinstance(value, dict):
                 raise ConfigError(f"{full} must be a mapping, got {value!r}")
-            merge(config[key], value, default, f"{full}.", root)
+            merge(config[key], value, default, f"{full}.", root, whole)
         elif key == "options":
             if not isinstance(value, dict):
                 raise ConfigError(f"{full} must be a mapping, got {value!r}")
@@ -197,6 +248,20 @@ def merge(config: dict, updates: dict, defaults: dict, prefix: str = "", root: d
             config[key] = {k: v for k, v in {**config[key], **value}.items() if v is not None}
         else:
             config[key] = _check_type(full, value, default)
+
+
+def check_class_count(command: str, config: dict) -> None:
+    """A folder dataset's class count, named by its config key: finetune needs it (evaluate takes the
+    model's when it is not given), and one that is given must be 1..255."""
+    data = config.get("data")
+    if not isinstance(data, dict) or data.get("dataset") != "folder":
+        return
+    count = data["options"].get("num_classes")
+    if count is None and data["options"].get("classes_file") is None and command == "finetune":
+        raise ConfigError("finetune on a folder dataset needs its class count: data.options.num_classes=K (1..255) or "
+                          "data.options.classes_file=PATH (one class name per line)")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 255):
+        raise ConfigError(f"data.options.num_classes must be an integer 1..255 (the class count); got {count!r}")
 
 
 def parse_key_value(text: str, what: str = "override") -> tuple[str, Any]:
@@ -257,6 +322,7 @@ def load_config(
         merge(config, updates, defaults)
     for text in overrides:
         merge(config, parse_override(text), defaults)
+    check_class_count(command, config)
     if "name" in config and config["name"] is None:
         config["name"] = command
     return config

@@ -93,20 +93,34 @@ def evaluate(config: dict[str, Any]) -> Path:
         raise ValueError("evaluate needs checkpoint=PATH (a .pt checkpoint or an exported model folder)")
     model = load_model(config["checkpoint"])  # the model and the data are checked before a run folder exists
     data = config["data"]
+    classes_from = "dataset"
+    if data["dataset"] == "folder" and data["options"].get("num_classes") is None and data["options"].get("classes_file") is None:
+        # the class count is the model's: recorded in the run's config.yaml and metrics.json
+        data["options"] = {**data["options"], "num_classes": model.config["classes"]}
+        classes_from = "model"
     dataset = build_dataset(data["dataset"], data["root"], data["split"], transform=eval_transforms(model.config["mean"], model.config["std"]), **data["options"])
     if model.config["classes"] != dataset.num_classes:
-        raise ValueError(f"{config['checkpoint']} predicts {model.config['classes']} classes but {data['dataset']} has {dataset.num_classes}")
+        fix = "; leave data.options.num_classes and classes_file out to take the model's" if data["dataset"] == "folder" else ""
+        raise ValueError(f"{config['checkpoint']} predicts {model.config['classes']} classes but {data['dataset']} has {dataset.num_classes}{fix}")
     trained = trained_images(config["checkpoint"], dataset, data["allow_trained_images"])
     check_label_encoding(dataset, None, f"{data['options'].get('split_file') or data['split']} split")
+    earlier = Path(config["out_dir"]) / config["name"] / "metrics.json"
+    if earlier.is_file():
+        raise FileExistsError(f"{earlier.parent} holds an earlier evaluation ({earlier}): name=... for this one, which "
+                              "keeps that one")
     run = start_run(config, training=False)
+    if run.dist.is_main and classes_from == "model":
+        print(f"data.options.num_classes not given: {dataset.num_classes} classes, from the model")
     try:
         model.to(run.device)
         eval_config = eval_for_model(config["eval"], model)
         metrics = evaluate_model(model, dataset, eval_config, run.device, run.dist)
         if run.dist.is_main:
             write_metrics(run.dir / "metrics.json", metrics, eval_config, dataset, model_file(config["checkpoint"]),
-                          trained_images=trained)
-            print(f"mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc {metrics['mAcc']:.2f}  ({len(dataset)} images)")
+                          trained_images=trained, num_classes=dataset.num_classes, num_classes_from=classes_from,
+                          classes=list(dataset.classes))
+            print(f"mIoU {metrics['mIoU']:.2f}  aAcc {metrics['aAcc']:.2f}  mAcc {metrics['mAcc']:.2f}  ({len(dataset)} images); "
+                  f"{run.dir / 'metrics.json'}")
         return run.dir
     finally:
         shutdown(run.dist)

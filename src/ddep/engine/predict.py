@@ -1,9 +1,14 @@
 """``ddep predict``: class-id masks and colour overlays for a folder of images (or one image).
 
 Output names. For ``input=photos`` and ``output=masks``, the image ``photos/a/b.jpg`` gives
-``masks/a/b.png`` (a single-channel 8-bit PNG of class ids, as mmsegmentation's and smp's
-users save them) and ``masks/a/b_overlay.jpg`` (the image blended with a fixed colour per
-class). When two images of one folder share a name up to the extension (``b.jpg`` and
+``masks/a/b.png`` and ``masks/a/b_overlay.jpg``. The mask is a palette ('P' mode) PNG whose pixel
+values are the class ids (``np.asarray(Image.open(mask))`` reads the ids, as Pascal VOC's masks)
+and whose palette shows each id in its colour in any viewer: ``palette=`` (one RGB colour per
+class), else the model's, else Pascal VOC's (:func:`palette`, as mmsegmentation draws masks). The
+overlay blends the image with those colours at 0.5 (every class, 0 included, as mmsegmentation's
+``show_result``) and adds a legend strip below it: a swatch and a name for each class present,
+names from ``class_names=[a, b, ...]`` or ``classes_file=`` (one per line), else ``class 0``, ...
+When two images of one folder share a name up to the extension (``b.jpg`` and
 ``b.png``), both keep their extension instead, ``masks/a/b.jpg.png`` and ``masks/a/b.png.png``
 (overlays ``b.jpg_overlay.jpg``, ``b.png_overlay.jpg``), so that neither is lost; the names
 of all other images stay as they are. ``input=`` may also be one image file: ``masks/<stem>.png``.
@@ -30,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ..choices import listed
 from ..data.io import IMAGE_EXTENSIONS, DataError, open_image, read_image
@@ -44,11 +49,98 @@ MASK_SUFFIX = ".png"
 OVERLAY_SUFFIX = "_overlay.jpg"
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """Distinct, fixed colours per class (the same for every run)."""
-    rng = np.random.default_rng(2205_11423)
-    colours = rng.integers(40, 256, (max(num_classes, 1), 3), dtype=np.uint8)
-    return np.vstack([colours, np.zeros((256 - len(colours), 3), np.uint8)])
+def palette(num_classes: int | None = None) -> np.ndarray:
+    """Pascal VOC's colormap (the VOC devkit's and mmsegmentation's): a 256 x 3 uint8 array, id -> RGB,
+    the bits of each id interleaved over R, G, B from the high bit down. 0 is black, 1 (128, 0, 0),
+    2 (0, 128, 0), ... and the ignore index 255 (224, 224, 192). The same for every run and every
+    ``num_classes`` (kept for callers that pass it)."""
+    ids = np.arange(256)
+    colours = np.zeros((256, 3), np.uint8)
+    for bit in range(8):
+        for channel in range(3):
+            colours[:, channel] |= (((ids >> (3 * bit + channel)) & 1) << (7 - bit)).astype(np.uint8)
+    return colours
+
+
+def class_colours(given: Any, num_classes: int, what: str = "palette") -> np.ndarray:
+    """256 x 3 colours: ``given`` (one RGB colour per class, at least ``num_classes``) over VOC's."""
+    colours = palette()
+    if given is None:
+        return colours
+    try:
+        given = np.asarray(given)
+        ok = given.ndim == 2 and given.shape[1] == 3 and np.issubdtype(given.dtype, np.integer) and ((0 <= given) & (given <= 255)).all()
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not num_classes <= len(given) <= 256:
+        raise ValueError(f"{what} must list one RGB colour (3 integers 0..255) for each of the {num_classes} classes, "
+                         f"e.g. [[0, 0, 0], [255, 0, 0]]")
+    colours[:len(given)] = given
+    return colours
+
+
+def class_names(config: dict[str, Any], model_config: dict[str, Any]) -> tuple[str, ...] | None:
+    """The legend's names: ``class_names`` (a list, or one string of comma-separated names), else
+    ``classes_file`` (one name per line), else the model's; one per class the model predicts."""
+    names, source = config.get("class_names"), "class_names"
+    if isinstance(names, str):
+        names = names.split(",")
+    if names is None and config.get("classes_file"):
+        path = source = Path(config["classes_file"])
+        if not path.is_file():
+            raise DataError(f"classes_file not found: {path}")
+        names = path.read_text().splitlines()
+    if names is None:
+        names, source = model_config.get("class_names"), "the model's class_names"
+    if names is None:
+        return None
+    names = tuple(str(name).strip() for name in names if str(name).strip())
+    if len(names) != model_config["classes"]:
+        raise DataError(f"{source}: {len(names)} class names but the model predicts {model_config['classes']} classes")
+    return names
+
+
+def legend_labels(ids: np.ndarray, names: tuple[str, ...] | None) -> list[tuple[int, str]]:
+    """(id, label) for each class present in ``ids``, in id order: ``"2 car"``, or ``"class 2"`` without names."""
+    return [(int(k), f"{k} {names[k]}" if names else f"class {k}") for k in np.unique(ids)]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1, or built without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def overlay_image(image: Image.Image, ids: np.ndarray, colours: np.ndarray, names: tuple[str, ...] | None) -> Image.Image:
+    """``image`` blended at 0.5 with the colour of each pixel's class, above a legend strip (white) with
+    a swatch and a label for each class present; the strip wraps its entries and is at least as wide
+    as the widest one."""
+    blended = Image.fromarray((0.5 * np.asarray(image, np.float32) + 0.5 * colours[ids]).astype(np.uint8))
+    size = int(np.clip(min(blended.size) / 40, 10, 48))
+    font, pad = _font(size), max(2, size // 3)
+    draw = ImageDraw.Draw(blended)
+    entries = [(k, label, size + pad + int(np.ceil(draw.textlength(label, font=font)))) for k, label in legend_labels(ids, names)]
+    width = max(blended.width, max(w for *_, w in entries) + 2 * pad)
+    rows: list[list[tuple[int, str, int]]] = [[]]
+    x = pad
+    for entry in entries:
+        if rows[-1] and x + entry[2] > width - pad:
+            rows.append([])
+            x = pad
+        rows[-1].append(entry)
+        x += entry[2] + 2 * pad
+    row_height = size + pad
+    canvas = Image.new("RGB", (width, blended.height + pad + len(rows) * row_height), "white")
+    canvas.paste(blended, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        x, y = pad, blended.height + pad + r * row_height
+        for k, label, w in row:
+            draw.rectangle([x, y, x + size - 1, y + size - 1], fill=tuple(int(c) for c in colours[k]), outline=(96, 96, 96))
+            draw.text((x + size + pad, y + size / 2), label, fill="black", font=font, anchor="lm")
+            x += w + 2 * pad
+    return canvas
 
 
 @dataclass(frozen=True)
@@ -168,7 +260,7 @@ def check_outputs(source: Path, output: Path, plan: list[Output], overwrite: boo
 
 @torch.no_grad()
 def predict_folder(config: dict[str, Any]) -> Path:
-    """Write ``<output>/<image path with .png>`` (class ids) and ``<stem>_overlay.jpg`` for each
+    """Write ``<output>/<image path with .png>`` (class ids, palette PNG) and ``<stem>_overlay.jpg`` for each
     input image; see the module's docstring for the names and for what is refused."""
     for key in ("checkpoint", "input", "output"):
         if not config[key]:
@@ -180,7 +272,11 @@ def predict_folder(config: dict[str, Any]) -> Path:
     device = resolve_device(config["device"], DistInfo())
     model = load_model(config["checkpoint"]).to(device).eval()
     transform = eval_transforms(model.config["mean"], model.config["std"])
-    colours = palette(model.config["classes"])
+    given, what = config.get("palette"), "palette"
+    if given is None:
+        given, what = model.config.get("palette"), "the model's palette"
+    colours = class_colours(given, model.config["classes"], what)
+    names = class_names(config, model.config)
     eval_config = eval_for_model(config["eval"], model)
     if renamed:
         example = next(item for item in plan if item.mask.name != item.image.with_suffix(MASK_SUFFIX).name)
@@ -196,9 +292,10 @@ def predict_folder(config: dict[str, Any]) -> Path:
         x = transform({"image": image})["image"][None].to(device)
         ids = predict(model, x, **eval_config).argmax(1)[0].to(torch.uint8).cpu().numpy()
         item.mask.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(ids).save(item.mask)
-        overlay = (0.5 * np.asarray(image, np.float32) + 0.5 * colours[ids]).astype(np.uint8)
-        Image.fromarray(overlay).save(item.overlay, quality=90)
+        mask = Image.fromarray(ids)
+        mask.putpalette(colours.tobytes())  # 'P' mode: the pixels stay the class ids
+        mask.save(item.mask)
+        overlay_image(image, ids, colours, names).save(item.overlay, quality=90, subsampling=0)
         written += 1
     plural = "" if written == 1 else "s"
     print(f"wrote {written} mask{plural} and {written} overlay{plural} to {output}")
