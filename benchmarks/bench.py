@@ -54,7 +54,7 @@ from ddep.data.transforms import pretrain_transforms
 from ddep.data.unlabeled import UnlabeledImages
 from ddep.engine.distributed import DistInfo
 from ddep.engine.finetune import build_finetune_model, segmentation_loss
-from ddep.engine.preemption import ignore_stop_signals
+from ddep.engine.preemption import release_at_exit, worker_init
 from ddep.engine.pretrain import build_pretrain_model, denoising_pass
 from ddep.engine.run import configure_kernels
 from ddep.engine.trainer import Trainer
@@ -281,7 +281,7 @@ def loader_rate(data: torch.utils.data.Dataset, sampler: list[int] | None, worke
     as it stops, with this process waiting for the workers: nothing made before it counts."""
     batch, warmup, timed = loader_plan(workers, per_worker)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, sampler=sampler, drop_last=True,
-                                         worker_init_fn=ignore_stop_signals)
+                                         worker_init_fn=worker_init(release_at_exit()))
     batches = iter(loader)
     for _ in range(warmup):
         finish(next(batches))

@@ -29,3 +29,24 @@ def test_console_script_runs():
 def test_dataset_options_must_be_key_value(tmp_path, capsys):
     assert main(["splits", "--dataset", "folder", "--root", str(tmp_path), "--fractions", "1", "-o", "num_classes"]) == 1
     assert "-o option must look like key=value, got 'num_classes'" in capsys.readouterr().err
+
+
+def test_help_version_and_a_config_error_import_no_torch():
+    """``ddep --help`` and ``--version`` answer at once: nothing heavy is imported for them."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom ddep.cli import main\nfor argv in (['--version'], ['--help'], ['finetune', '--help']):\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "print(sorted(m for m in ('torch', 'timm', 'segmentation_models_pytorch', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stderr
+
+
+def test_load_model_is_one_top_level_call(tmp_path):
+    import ddep
+
+    model = ddep.build_model("unet", "resnet18", classes=2)
+    ddep.save_model(model, tmp_path / "m")
+    loaded = ddep.load_model(tmp_path / "m")
+    assert loaded.config == dict(model.config, encoder_weights=None)

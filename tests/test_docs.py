@@ -7,7 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_python_snippet_runs():
+def test_readme_python_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what the snippets save lands here
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks, "README.md has no python example"
     for block in blocks:

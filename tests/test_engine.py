@@ -79,7 +79,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, monkeypatch
     args += DROPOUT_MODEL
     run(stage, *args, "name=straight")
 
-    interrupt_after(monkeypatch, stage, [*args, "name=interrupted"], step=2)
+    interrupt_after(monkeypatch, stage, [*args, "name=interrupted"], step=3)  # step 3 logged, not saved
     assert load_checkpoint("runs/interrupted/checkpoints/last.pt")["step"] == 2
     run(stage, *args, "name=interrupted", "--resume")
 
@@ -87,6 +87,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, monkeypatch
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    # the log holds each step once, as the uninterrupted run's (the throughput aside)
+    logged = [[row for row in Path(f"runs/{name}/log.csv").read_text().splitlines() if ",images_per_s," not in row]
+              for name in ("straight", "interrupted")]
+    assert logged[0] == logged[1]
 
 
 def test_a_run_is_never_overwritten_and_resume_needs_a_checkpoint(data, capsys):
@@ -101,6 +105,9 @@ def test_a_run_is_never_overwritten_and_resume_needs_a_checkpoint(data, capsys):
     "args, message",
     [
         (["pretrain", "optim.lrr=0.1"], "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+        (["finetune", "data.num_classes=3"], "unknown config key 'data.num_classes'; did you mean 'data.options.num_classes'?"),
+        (["finetune", "lr=1e-3"], "unknown config key 'lr'; did you mean 'optim.lr'?"),
+        (["finetune", "data.root=data"], "finetune on a folder dataset needs its class count: data.options.num_classes=K"),
         (["pretrain", "data.batch_size=two"], "data.batch_size must be int, got 'two'"),
         (["finetune", "eval.flip=maybe"], "eval.flip must be bool"),
         (["pretrain", "optim.name=adamm"], "optim.name must be one of adam, adamw, sgd; got 'adamm'"),

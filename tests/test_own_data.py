@@ -83,7 +83,12 @@ def test_a_held_out_val_split_is_reported_and_evaluate_refuses_the_trained_image
         "evaluates anyway: a number never to publish)")
     assert not Path("runs/evaluate").exists()
     assert main([*evaluate, f"data.options.split_file={folder}/val.txt"]) == 0
-    assert json.loads(Path("runs/evaluate/metrics.json").read_text())["trained_images"] == 0
+    first = Path("runs/evaluate/metrics.json").read_text()
+    assert json.loads(first)["trained_images"] == 0 and json.loads(first)["classes"] == ["class_0", "class_1"]
+    assert main([*evaluate, f"data.options.split_file={folder}/val.txt"]) == 1  # the same name again: the first is kept
+    assert last_error(capsys) == ("ddep evaluate: error: runs/evaluate holds an earlier evaluation (runs/evaluate/metrics.json): "
+                                  "name=... for this one, which keeps that one")
+    assert Path("runs/evaluate/metrics.json").read_text() == first
     assert main([*evaluate, "data.allow_trained_images=true", "name=trained", "checkpoint=runs/finetune/checkpoints/last.pt"]) == 0
     assert json.loads(Path("runs/trained/metrics.json").read_text())["trained_images"] == 6
     assert "(data.allow_trained_images=true): these metrics are not a result to publish" in caplog.text

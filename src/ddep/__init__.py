@@ -1,6 +1,26 @@
-"""ddep: Decoder Denoising Pretraining for label-efficient semantic segmentation."""
-from . import noise
-from .models import SegmentationModel, build_model, from_smp, list_archs, to_smp
+"""ddep: Decoder Denoising Pretraining for label-efficient semantic segmentation.
+
+The names below are imported on first use (PEP 562), so that ``ddep --help`` and ``--version``
+do not wait for torch, timm and smp to load.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["build_model", "list_archs", "SegmentationModel", "from_smp", "to_smp", "noise", "__version__"]
+
+#: Each public name and the submodule that defines it.
+_LAZY = {
+    "build_model": "models", "list_archs": "models", "SegmentationModel": "models", "from_smp": "models", "to_smp": "models",
+    "load_model": "models.saving", "save_model": "models.saving",
+}
+__all__ = [*_LAZY, "noise", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "noise":
+        return importlib.import_module(".noise", __name__)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'ddep' has no attribute {name!r}")

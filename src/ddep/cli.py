@@ -99,14 +99,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(json.dumps({"command": args.command, **{"pretrain": plan_pretrain, "finetune": plan_finetune}[args.command](config)}))
         return 0
-    if args.command == "pretrain":
-        from .engine.pretrain import pretrain
-
-        pretrain(config, resume=RESUME[args.resume])
-    elif args.command == "finetune":
+    if args.command in ("pretrain", "finetune"):
+        from .engine.distributed import launched_rank
         from .engine.finetune import finetune
+        from .engine.pretrain import pretrain
+        from .engine.summary import finetune_summary, pretrain_summary
 
-        finetune(config, resume=RESUME[args.resume])
+        train, summary = {"pretrain": (pretrain, pretrain_summary), "finetune": (finetune, finetune_summary)}[args.command]
+        run_dir = train(config, resume=RESUME[args.resume])
+        if launched_rank() == 0:  # the files it reads are rank 0's
+            print(summary(run_dir))
     elif args.command == "evaluate":
         from .engine.evaluate import evaluate
 
@@ -200,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     splits.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                         help="dataset option, e.g. -o num_classes=5 for a folder dataset")
     splits.set_defaults(run=cmd_splits)
-    from .data.shard_writer import DEFAULT_MAX_SIZE, DEFAULT_PER_SHARD, DEFAULT_QUALITY
+    from .config import SHARD_MAX_SIZE as DEFAULT_MAX_SIZE
+    from .config import SHARD_PER_SHARD as DEFAULT_PER_SHARD
+    from .config import SHARD_QUALITY as DEFAULT_QUALITY
 
     shards = commands.add_parser(
         "shards", help="write an image tree once as tar shards (WebDataset layout) for pretraining at scale",

@@ -14,6 +14,7 @@ gamma ~ U[gamma_min, 1] per example. The target is eps (``noise``) or x (``image
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -121,6 +122,19 @@ def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str = "
     if loss == "l1":
         return F.l1_loss(prediction, target)
     return F.huber_loss(prediction, target, delta=huber_delta)
+
+
+def zero_prediction_loss(loss: str = "l2", huber_delta: float = 1.0) -> float:
+    """The loss of predicting zero for a standard normal target (the noise): the score a denoising
+    loss is read against (l2: 1, l1: sqrt(2 / pi), Huber: its expectation under N(0, 1))."""
+    check_choice("loss", loss, LOSSES)
+    if loss == "l2":
+        return 1.0
+    if loss == "l1":
+        return math.sqrt(2 / math.pi)
+    density = math.exp(-huber_delta**2 / 2) / math.sqrt(2 * math.pi)  # phi(delta)
+    inside = math.erf(huber_delta / math.sqrt(2))  # P(|x| < delta)
+    return 0.5 * (inside - 2 * huber_delta * density) + huber_delta * (2 * density - 0.5 * huber_delta * (1 - inside))
 
 
 def to_model_input(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

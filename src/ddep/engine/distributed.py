@@ -29,6 +29,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank among those torchrun started (``RANK``; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1; otherwise a single process.
 

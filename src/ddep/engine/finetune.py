@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 from ..config import DEFAULTS, PAPER_FINETUNE_LR
 from ..data import build_dataset
-from ..data.io import DataError
-from ..data.labeled import check_label_encoding
+from ..data.io import DataError, open_image
+from ..data.labeled import check_label_encoding, check_pairs
 from ..data.splits import LabeledSubset, hold_out, labeled_indices, shared_images, split_hash, write_train_record
 from ..data.transforms import IGNORE_INDEX, eval_transforms, train_transforms
 from ..inference import eval_for_model
@@ -30,6 +30,7 @@ from .distributed import barrier, shutdown
 from .evaluate import evaluate_model, write_metrics
 from .plan import run_plan
 from .run import start_run, with_model
+from .summary import write_finetune_report
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,31 @@ def finetune_data(config: dict[str, Any]) -> FinetuneData:
         sets = FinetuneData(LabeledSubset(labeled, trained), LabeledSubset(split(data["split"], **data["options"]), held), val, labeled)
     check_label_encoding(labeled, None, "training split")  # all of it: a few masks may rightly lack a class
     check_label_encoding(val, None, f"{data['val_split_file'] or data['val_split']} split")
+    check_pairs(labeled, indices, progress=config["progress"])  # a bad file stops the run now, not at some step
+    check_pairs(val, progress=config["progress"])
+    warn_if_crops_pad(sets.train, data)
     return sets
+
+
+#: Training images whose sizes :func:`warn_if_crops_pad` reads (headers only).
+SIZE_SAMPLE = 20
+
+
+def warn_if_crops_pad(train: Dataset, data: dict[str, Any]) -> None:
+    """Warn when ``data.crop_size`` exceeds the training images even at the largest random resize:
+    every crop is then padded, mostly with ignored pixels, at the crop's full cost."""
+    root, crop = getattr(train, "root", None), data["crop_size"]
+    if root is None or data["scale"] or not train.pairs:
+        return
+    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
+    step = max(1, len(train.pairs) // SIZE_SAMPLE)
+    sizes = [open_image(Path(root) / image).size for image, _ in train.pairs[::step][:SIZE_SAMPLE]]
+    ratio = data["ratio_range"][1]
+    if all(crop_h > h * ratio or crop_w > w * ratio for w, h in sizes):
+        w, h = sizes[0]
+        log.warning("data.crop_size=%s is larger than the training images (e.g. %dx%d) even resized by %s: every crop is "
+                    "padded, mostly with ignored pixels; a crop_size of at most %d suits them", crop, w, h, ratio,
+                    min(min(w, h) for w, h in sizes))
 
 
 def _val_options(data: dict[str, Any]) -> dict[str, Any]:
@@ -194,8 +219,9 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
                 run.dir / "metrics.json", trainer.extra["final_metrics"], eval_config, sets.val,
                 last if sets.select is None else best, **selection,
                 train_split_hash=split_hash(sets.train.pairs), train_images=len(sets.train), steps=trainer.step,
-                trained_images=shared_images(sets.val, sets.pool),
+                trained_images=shared_images(sets.val, sets.pool), classes=list(sets.val.classes),
             )
+            write_finetune_report(run.dir, chosen, sets.val, eval_config, run.device)
         trainer.close()
         return run.dir
     finally:

@@ -10,11 +10,16 @@ during the save are recorded and change nothing. Under SLURM a SIGUSR1 also requ
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -53,11 +58,35 @@ class StopSignals:
             log.warning("%s received again: still stopping after the step in flight", signal.Signals(signum).name)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader workers leave stop signals to the main process, which shuts them down
-    (SLURM and a terminal's Ctrl-C signal the whole process group)."""
+def worker_init(release: multiprocessing.synchronize.Event) -> Callable[[int], None]:
+    """A DataLoader ``worker_init_fn``: the worker leaves stop signals to the main process, which
+    shuts it down (SLURM and a terminal's Ctrl-C signal the whole process group), until the main
+    process sets ``release`` (it does when it exits, see :func:`release_at_exit`); from then on a
+    SIGTERM ends the worker, so that Python's exit-time terminate of its children is not waited
+    on forever."""
+    return functools.partial(_ignore_stop_signals, release=release)
+
+
+def _ignore_stop_signals(worker_id: int, release: multiprocessing.synchronize.Event) -> None:
+    def ignore_unless_released(signum: int, frame: FrameType | None) -> None:
+        if release.is_set():
+            os._exit(0)  # the main process is exiting: nothing of this worker's is worth keeping
+
     for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, ignore_unless_released)
+
+
+def release_at_exit() -> multiprocessing.synchronize.Event:
+    """An event set when this process exits (before multiprocessing terminates its children),
+    for :func:`worker_init`; one per process."""
+    global _release
+    if _release is None:
+        _release = multiprocessing.Event()
+        atexit.register(_release.set)  # registered after multiprocessing's own: runs before it
+    return _release
+
+
+_release: multiprocessing.synchronize.Event | None = None
 
 
 def requeue_slurm_job() -> None:

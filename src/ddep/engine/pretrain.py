@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
 
 from ..data import build_dataset
 from ..data.transforms import pretrain_transforms
@@ -111,12 +112,26 @@ def _level(noise: dict[str, Any]) -> dict[str, Any]:
     return dict(noise_level=noise["level"], noise_std=noise["std"], noise_std_range=tuple(noise["std_range"]), gamma_min=noise["gamma_min"])
 
 
+#: Grid padding in pixels (torchvision's default), and the left margin's text inset.
+GRID_PADDING, LABEL_INSET = 2, 4
+
+
 def save_grid(path: Path, step: DenoisingPass, noise: dict) -> None:
-    """Rows of up to 8 examples: clean, noisy, predicted target, denoised (all shown in [0, 1])."""
+    """Rows of up to 8 examples, labelled on the left: clean, noisy, predicted target, denoised
+    (all shown in [0, 1])."""
     x, x_noisy, prediction, gamma = step.x, step.x_noisy, step.prediction, step.gamma
     n = min(8, x.shape[0])
     clean = estimate_clean(x_noisy[:n], prediction[:n], gamma[:n], noise["type"], noise["target"])
     shown = prediction[:n] / 4 if noise["target"] == "noise" else prediction[:n]  # eps spans about [-4, 4]
     rows = torch.cat([x[:n], x_noisy[:n], shown, clean]).clamp(-1, 1)
+    grid = make_grid((rows + 1) / 2, nrow=n, padding=GRID_PADDING).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    labels = ["clean", "noisy", "predicted noise / 4" if noise["target"] == "noise" else "predicted image", "denoised"]
+    font = ImageFont.load_default()
+    margin = max(int(font.getlength(label)) for label in labels) + 2 * LABEL_INSET
+    canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (margin, 0))
+    draw, height = ImageDraw.Draw(canvas), x.shape[-2] + GRID_PADDING
+    for row, label in enumerate(labels):
+        draw.text((LABEL_INSET, GRID_PADDING + row * height + x.shape[-2] // 2), label, fill="black", font=font, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((rows + 1) / 2, str(path), nrow=n)
+    canvas.save(path)

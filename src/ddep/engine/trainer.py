@@ -26,13 +26,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..atomic import write_text_atomic
 from ..config import save_config
 from ..data.seeds import sample_seed, seeded
 from ..data.shards import ShardImages
 from ..models.registry import describe_model
 from .checkpoint import checkpoint_path, load_resumable, save_checkpoint
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_objects
-from .preemption import Preempted, StopSignals, ignore_stop_signals, requeue_slurm_job
+from .preemption import Preempted, StopSignals, release_at_exit, requeue_slurm_job, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def training_loader(dataset: Dataset, seed: int, batch_size: int, num_workers: i
     # a generator of its own: an iterator's base seed would otherwise be drawn from the global stream that
     # dropout draws from, just after a resumed run restored it
     return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      drop_last=True, worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
+                      drop_last=True, worker_init_fn=worker_init(release_at_exit()), generator=torch.Generator().manual_seed(seed))
 
 
 def build_optimizer(params: list[nn.Parameter], optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
@@ -192,7 +193,10 @@ class Trainer:
         self.net = model
         if dist_info.enabled:
             ids = [device.index] if device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # parameters a model never uses (smp's encoder stages past encoder_depth, say) were found and
+            # frozen when it was built; only a model where that search failed has DDP search every step
+            search = getattr(model, "unused_parameters", None) is None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=search)
         if config["compile"]:
             self.net = torch.compile(self.net)
         self.generator = torch.Generator(device).manual_seed(config["seed"] * 7919 + dist_info.rank)
@@ -202,6 +206,7 @@ class Trainer:
             self.load(checkpoint_path(self.run_dir, "last.pt"))
             if dist_info.is_main:  # only now that the checkpoint fits: a failed resume leaves the run as it was
                 save_config(config, run_dir / "config.yaml")
+                self._forget_logged_after(self.step)
         self.loader = training_loader(dataset, config["seed"], self.batch_size, config["data"]["num_workers"], dist_info,
                                       start=self.step * self.accum, pin_memory=device.type == "cuda")
         self.stop_signals = StopSignals()
@@ -359,6 +364,17 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
+
+    def _forget_logged_after(self, step: int) -> None:
+        """Drop log.csv's rows of the steps after ``step``: the resumed run logs them again (as
+        TensorBoard's ``purge_step`` does for its events)."""
+        path = self.run_dir / "log.csv"
+        if not path.is_file():
+            return
+        rows = path.read_text().splitlines()
+        kept = rows[:1] + [row for row in rows[1:] if int(row.split(",", 1)[0]) <= step]
+        if len(kept) < len(rows):
+            write_text_atomic(path, "\n".join(kept) + "\n")
 
     def log(self, row: dict[str, float]) -> None:
         """Append ``row`` (with ``step``) to log.csv and TensorBoard, and show it in the bar."""
