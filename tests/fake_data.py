@@ -101,3 +101,19 @@ def interrupt_after(monkeypatch, stage: str, args: list[str], step: int) -> None
     with pytest.raises(KeyboardInterrupt):
         main([stage, *args])
     monkeypatch.setattr(trainer.Trainer, "_end_of_step", original)
+
+
+def png16_rgb(value: int, path: Path, size=(H, W)) -> Path:
+    """A 16-bit RGB PNG (PIL writes none; it reads them as 8-bit RGB, keeping the high bytes)."""
+    import struct
+    import zlib
+
+    rows = b"".join(b"\x00" + np.full((size[1], 3), value, ">u2").tobytes() for _ in range(size[0]))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", size[1], size[0], 16, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path

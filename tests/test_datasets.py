@@ -232,6 +232,16 @@ def test_sixteen_bit_tiff_images_are_refused_in_one_line(tmp_path):
         ds[1]
 
 
+def test_sixteen_bit_rgb_pngs_are_refused_as_images_and_masks(tmp_path):
+    from ddep.data.io import read_image, read_mask
+
+    path = fake_data.png16_rgb(1000, tmp_path / "deep.png")
+    with pytest.raises(DataError, match=r"deep.png: 16-bit RGB image with more than 8 bits per channel"):
+        read_image(path)
+    with pytest.raises(DataError, match=r"deep.png: 16-bit RGB mask; save masks as 8/16-bit grayscale"):
+        read_mask(path, palette=[[0, 0, 0], [3, 3, 3]])
+
+
 def test_a_lossy_mask_is_named_where_the_mask_is_missing(tmp_path):
     fake_data.folder(tmp_path, count=2)
     (tmp_path / "masks" / "img1.png").unlink()

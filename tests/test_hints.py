@@ -51,6 +51,7 @@ def config_error(command: str, *overrides: str) -> str:
     ("predict", "output_dir=out", "output"),
     ("pretrain", "optim.lrr=0.1", "optim.lr"),  # misspellings as before
     ("pretrain", "noise.sdt=0.1", "noise.std"),
+    ("finetune", "data.label_map={255: 1}", "data.options.label_map"),  # a mapping value is not part of the key
 ])
 def test_an_unknown_key_suggests_the_key_meant(command, override, meant):
     key = override.partition("=")[0]

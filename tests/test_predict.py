@@ -175,6 +175,10 @@ def test_masks_are_palette_pngs_of_class_ids_in_voc_colours_and_overlays_carry_a
         top = np.asarray(overlay, np.float32)[:SIZE[0], :SIZE[1]]
         assert np.abs(top - blended).mean() < 12  # every class blended at 0.5 (the JPEG's loss aside)
 
+    assert run_predict(checkpoint, source, tmp_path / "ids", "palette_masks=false") == 0  # for OpenCV's reader
+    assert Image.open(tmp_path / "ids" / "a.png").mode == "L"
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ids" / "a.png")), np.asarray(Image.open(output / "a.png")))
+
     ids = np.array([[0, 2], [2, 2]], np.uint8)  # the legend names the classes present, in id order
     assert legend_labels(ids, ("sky", "road", "car")) == [(0, "0 sky"), (2, "2 car")]
     assert legend_labels(ids, None) == [(0, "class 0"), (2, "class 2")]
@@ -197,3 +201,15 @@ def test_class_names_come_from_class_names_or_a_classes_file_and_must_match_the_
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.endswith("2 class names but the model predicts 3 classes")
     assert not (tmp_path / "two").exists()  # refused before anything is written
+
+
+def test_a_fine_tuned_models_legend_names_the_classes_its_run_recorded(checkpoint, tmp_path):
+    from ddep.engine.predict import class_names
+
+    run = tmp_path / "runs" / "x"
+    (run / "model").mkdir(parents=True)
+    (run / "metrics.json").write_text('{"classes": ["sky", "road", "car"]}')
+    config = {"class_names": None, "classes_file": None}
+    for model in (run / "model", run / "checkpoints" / "last.pt"):
+        assert class_names({**config, "checkpoint": str(model)}, {"classes": 3}) == ("sky", "road", "car")
+    assert class_names({**config, "checkpoint": str(checkpoint)}, {"classes": 3}) is None

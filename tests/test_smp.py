@@ -298,6 +298,14 @@ def test_parameters_smp_never_uses_are_found_at_build_time_frozen_and_kept(arch,
     assert unused <= model.state_dict().keys()  # kept: the smp model has them
 
 
+def test_a_model_built_under_inference_mode_finds_the_same_unused_parameters():
+    from ddep.models.segmenter import find_unused_parameters
+
+    model = ddep.build_model("smp:PSPNet", "resnet18", classes=2)  # smp's own encoder: layer3 and layer4 unused
+    with torch.inference_mode():  # a notebook's or a predict loop's: no graph unless asked for
+        assert find_unused_parameters(model, (64, 64)) == model.unused_parameters != ()
+
+
 def test_dpt_takes_any_size_its_patch_size_and_decoder_allow():
     """A ViT made for one size (timm's test_vit3: 160 px) gets timm's dynamic_img_size under smp's DPT.
     DPT's decoder halves the 1/16 token grid for its 1/32 level and doubles it back: sides in 32s."""

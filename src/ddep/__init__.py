@@ -15,12 +15,18 @@ _LAZY = {
     "build_model": "models", "list_archs": "models", "SegmentationModel": "models", "from_smp": "models", "to_smp": "models",
     "load_model": "models.saving", "save_model": "models.saving",
 }
+#: The subpackages and modules that ``ddep.<name>`` reaches without an import of its own.
+_SUBMODULES = ("noise", "models", "data", "engine", "inference", "metrics", "config", "experiments")
 __all__ = [*_LAZY, "noise", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "noise":
-        return importlib.import_module(".noise", __name__)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'ddep' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

@@ -94,6 +94,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # the overlay legend's names, one per class: a list, or a file with one name per line; None: "class 0", ...
         "class_names": None, "classes_file": None,
         "palette": None,  # one RGB colour per class (e.g. a folder dataset's data.options.palette); None: Pascal VOC's
+        "palette_masks": True,  # masks as palette PNGs (ids in PIL, colours in viewers); false: one-channel ids for OpenCV
     },
     "export": {
         "checkpoint": None, "output": None, "onnx": False, "onnx_size": [512, 512],
@@ -232,7 +233,8 @@ def merge(config: dict, updates: dict, defaults: dict, prefix: str = "", root: d
     for key, value in updates.items():
         full = prefix + key
         if key not in defaults:
-            while isinstance(value, dict) and len(value) == 1:  # a section the command lacks: name the whole key typed
+            # a section the command lacks: name the whole key typed (a dotted key, not a value's own mapping: {255: 1})
+            while isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value)), str):
                 inner, value = next(iter(value.items()))
                 full = f"{full}.{inner}"
             raise ConfigError(_unknown_key(full, root, whole))

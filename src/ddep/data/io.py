@@ -50,11 +50,14 @@ def open_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Imag
 
 
 def bits_per_channel(image: Image.Image) -> int:
-    """The bits of each channel a file stores: a TIFF's own (PIL reads a 16-bit RGB TIFF as 8-bit
-    RGB), else as the mode says."""
+    """The bits of each channel a file stores, read before it is decoded: a TIFF's own, a PNG's
+    from its decoder's raw mode (PIL reads 16-bit RGB TIFFs and PNGs as 8-bit RGB, keeping the
+    high bytes), else as the mode says."""
     if image.format == "TIFF":
         bits = image.tag_v2.get(258, 8)  # BitsPerSample
         return max(bits) if isinstance(bits, tuple) else int(bits)
+    if any(";16" in str(tile[3]) for tile in getattr(image, "tile", None) or []):
+        return 16
     return 8 if image.mode not in DEEP_MODES else 16
 
 
@@ -188,9 +191,11 @@ def read_image(path: str | os.PathLike, min_size: int | None = None, max_size: i
 
 def read_mask(path: str | os.PathLike, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """Class ids as an H x W integer array (uint8, or int32 for 16-bit masks)."""
-    image = _load(open_image(path), path)
-    if image.mode in ("RGB", "RGBA") and bits_per_channel(image) > 8:
-        raise DataError(f"{path}: {bits_per_channel(image)}-bit {image.mode} mask; save masks as 8/16-bit grayscale (ids) "
+    image = open_image(path)
+    bits = bits_per_channel(image)  # before decoding, which forgets it
+    image = _load(image, path)
+    if image.mode in ("RGB", "RGBA") and bits > 8:
+        raise DataError(f"{path}: {bits}-bit {image.mode} mask; save masks as 8/16-bit grayscale (ids) "
                         "or 8-bit RGB with a palette")
     if image.mode in ("L", "P", "1"):
         return np.asarray(image, dtype=np.uint8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -452,8 +453,7 @@ def check_pairs(dataset: Dataset, indices: Sequence[int] | None = None, workers:
                 found += [dataset.problems(i, full) for i in chunk]
                 bar.update(len(chunk))
         else:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)  # macOS: fork is unsafe
             with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_checking, initargs=(dataset, full)) as pool:
                 try:
                     for chunk, result in zip(chunks, pool.map(_check_chunk, chunks)):

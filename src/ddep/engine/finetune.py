@@ -26,7 +26,7 @@ from ..models import SegmentationModel, build_model
 from ..models.registry import config_options, describe_model
 from ..models.saving import load_model, read_model_config, save_model
 from .checkpoint import checkpoint_path
-from .distributed import barrier, shutdown
+from .distributed import barrier, launched_rank, shutdown
 from .evaluate import evaluate_model, write_metrics
 from .plan import run_plan
 from .run import start_run, with_model
@@ -64,10 +64,11 @@ def finetune_data(config: dict[str, Any]) -> FinetuneData:
         trained, held = hold_out(indices, data["select_fraction"], data["labeled_seed"])
         # the held-out images get evaluation transforms: a dataset of their own, not the training set's
         sets = FinetuneData(LabeledSubset(labeled, trained), LabeledSubset(split(data["split"], **data["options"]), held), val, labeled)
+    progress = config["progress"] and launched_rank() == 0
+    check_pairs(labeled, indices, progress=progress)  # a bad file stops the run now, not at some step: every one named
+    check_pairs(val, progress=progress)
     check_label_encoding(labeled, None, "training split")  # all of it: a few masks may rightly lack a class
     check_label_encoding(val, None, f"{data['val_split_file'] or data['val_split']} split")
-    check_pairs(labeled, indices, progress=config["progress"])  # a bad file stops the run now, not at some step
-    check_pairs(val, progress=config["progress"])
     warn_if_crops_pad(sets.train, data)
     return sets
 
@@ -84,7 +85,10 @@ def warn_if_crops_pad(train: Dataset, data: dict[str, Any]) -> None:
         return
     crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
     step = max(1, len(train.pairs) // SIZE_SAMPLE)
-    sizes = [open_image(Path(root) / image).size for image, _ in train.pairs[::step][:SIZE_SAMPLE]]
+    sizes = []
+    for image, _ in train.pairs[::step][:SIZE_SAMPLE]:
+        with open_image(Path(root) / image) as opened:  # the header only
+            sizes.append(opened.size)
     ratio = data["ratio_range"][1]
     if all(crop_h > h * ratio or crop_w > w * ratio for w, h in sizes):
         w, h = sizes[0]
@@ -221,7 +225,10 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
                 train_split_hash=split_hash(sets.train.pairs), train_images=len(sets.train), steps=trainer.step,
                 trained_images=shared_images(sets.val, sets.pool), classes=list(sets.val.classes),
             )
-            write_finetune_report(run.dir, chosen, sets.val, eval_config, run.device)
+            try:
+                write_finetune_report(run.dir, chosen, sets.val, eval_config, run.device)
+            except Exception as e:  # noqa: BLE001 - the run's result is written: a report that fails must not hide it
+                log.warning("%s: report.md not written (%s: %s)", run.dir, type(e).__name__, e)
         trainer.close()
         return run.dir
     finally:

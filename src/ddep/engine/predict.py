@@ -4,10 +4,12 @@ Output names. For ``input=photos`` and ``output=masks``, the image ``photos/a/b.
 ``masks/a/b.png`` and ``masks/a/b_overlay.jpg``. The mask is a palette ('P' mode) PNG whose pixel
 values are the class ids (``np.asarray(Image.open(mask))`` reads the ids, as Pascal VOC's masks)
 and whose palette shows each id in its colour in any viewer: ``palette=`` (one RGB colour per
-class), else the model's, else Pascal VOC's (:func:`palette`, as mmsegmentation draws masks). The
+class), else Pascal VOC's (:func:`palette`, as mmsegmentation draws masks); OpenCV's reader turns
+palette PNGs into colours, so ``palette_masks=false`` writes one-channel ids instead. The
 overlay blends the image with those colours at 0.5 (every class, 0 included, as mmsegmentation's
 ``show_result``) and adds a legend strip below it: a swatch and a name for each class present,
-names from ``class_names=[a, b, ...]`` or ``classes_file=`` (one per line), else ``class 0``, ...
+names from ``class_names=[a, b, ...]`` or ``classes_file=`` (one per line), else those of the
+fine-tuning run the model comes from (its metrics.json), else ``class 0``, ...
 When two images of one folder share a name up to the extension (``b.jpg`` and
 ``b.png``), both keep their extension instead, ``masks/a/b.jpg.png`` and ``masks/a/b.png.png``
 (overlays ``b.jpg_overlay.jpg``, ``b.png_overlay.jpg``), so that neither is lost; the names
@@ -27,6 +29,7 @@ before anything is written; predict refuses (one line, exit status 1) when
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -62,7 +65,7 @@ def palette(num_classes: int | None = None) -> np.ndarray:
     return colours
 
 
-def class_colours(given: Any, num_classes: int, what: str = "palette") -> np.ndarray:
+def class_colours(given: Any, num_classes: int) -> np.ndarray:
     """256 x 3 colours: ``given`` (one RGB colour per class, at least ``num_classes``) over VOC's."""
     colours = palette()
     if given is None:
@@ -73,15 +76,26 @@ def class_colours(given: Any, num_classes: int, what: str = "palette") -> np.nda
     except (TypeError, ValueError):
         ok = False
     if not ok or not num_classes <= len(given) <= 256:
-        raise ValueError(f"{what} must list one RGB colour (3 integers 0..255) for each of the {num_classes} classes, "
+        raise ValueError(f"palette must list one RGB colour (3 integers 0..255) for each of the {num_classes} classes, "
                          f"e.g. [[0, 0, 0], [255, 0, 0]]")
     colours[:len(given)] = given
     return colours
 
 
+def run_class_names(checkpoint: Path) -> list[str] | None:
+    """The class names a fine-tuning run recorded in its metrics.json, for its ``model/`` or a
+    checkpoint of it; None for a model from elsewhere."""
+    for folder in ((checkpoint,) if checkpoint.is_dir() else ()) + (checkpoint.parent, checkpoint.parent.parent):
+        metrics = folder / "metrics.json"
+        if metrics.is_file():
+            return json.loads(metrics.read_text()).get("classes")
+    return None
+
+
 def class_names(config: dict[str, Any], model_config: dict[str, Any]) -> tuple[str, ...] | None:
     """The legend's names: ``class_names`` (a list, or one string of comma-separated names), else
-    ``classes_file`` (one name per line), else the model's; one per class the model predicts."""
+    ``classes_file`` (one name per line), else those the model's fine-tuning run recorded; one per
+    class the model predicts."""
     names, source = config.get("class_names"), "class_names"
     if isinstance(names, str):
         names = names.split(",")
@@ -91,7 +105,7 @@ def class_names(config: dict[str, Any], model_config: dict[str, Any]) -> tuple[s
             raise DataError(f"classes_file not found: {path}")
         names = path.read_text().splitlines()
     if names is None:
-        names, source = model_config.get("class_names"), "the model's class_names"
+        names, source = run_class_names(Path(config["checkpoint"])), "the run's metrics.json"
     if names is None:
         return None
     names = tuple(str(name).strip() for name in names if str(name).strip())
@@ -272,10 +286,7 @@ def predict_folder(config: dict[str, Any]) -> Path:
     device = resolve_device(config["device"], DistInfo())
     model = load_model(config["checkpoint"]).to(device).eval()
     transform = eval_transforms(model.config["mean"], model.config["std"])
-    given, what = config.get("palette"), "palette"
-    if given is None:
-        given, what = model.config.get("palette"), "the model's palette"
-    colours = class_colours(given, model.config["classes"], what)
+    colours = class_colours(config.get("palette"), model.config["classes"])
     names = class_names(config, model.config)
     eval_config = eval_for_model(config["eval"], model)
     if renamed:
@@ -293,7 +304,8 @@ def predict_folder(config: dict[str, Any]) -> Path:
         ids = predict(model, x, **eval_config).argmax(1)[0].to(torch.uint8).cpu().numpy()
         item.mask.parent.mkdir(parents=True, exist_ok=True)
         mask = Image.fromarray(ids)
-        mask.putpalette(colours.tobytes())  # 'P' mode: the pixels stay the class ids
+        if config.get("palette_masks", True):
+            mask.putpalette(colours.tobytes())  # 'P' mode: the pixels stay the class ids
         mask.save(item.mask)
         overlay_image(image, ids, colours, names).save(item.overlay, quality=90, subsampling=0)
         written += 1

@@ -30,8 +30,11 @@ def read_log(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     if path.is_file():
         with open(path, newline="") as f:
             for row in list(csv.reader(f))[1:]:
-                step, key, value = row
-                series.setdefault(key, {})[int(step)] = float(value)
+                try:
+                    step, key, value = int(row[0]), row[1], float(row[2])
+                except (ValueError, IndexError):  # a row cut short by a crash
+                    continue
+                series.setdefault(key, {})[step] = value
     return {key: sorted(values.items()) for key, values in series.items()}
 
 
@@ -82,7 +85,8 @@ def write_finetune_report(run_dir: Path, model: torch.nn.Module, dataset, eval_c
               for name, iou, acc in zip(class_names(metrics), metrics["IoU"], metrics["Acc"])]
     lines += ["", "![loss and mIoU against the step](curves.png)", "",
               f"![image, ground truth and prediction for {REPORT_IMAGES} images of the reported split](predictions.png)", "",
-              "Rows of predictions.png: image, ground truth (255, ignored, in black), prediction."]
+              "Rows of predictions.png: image, ground truth (ignored pixels, 255, in cream), prediction, in the Pascal VOC "
+              "colours `ddep predict` uses."]
     return write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
 
 

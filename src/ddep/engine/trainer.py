@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
 import shutil
@@ -371,10 +372,13 @@ class Trainer:
         path = self.run_dir / "log.csv"
         if not path.is_file():
             return
-        rows = path.read_text().splitlines()
-        kept = rows[:1] + [row for row in rows[1:] if int(row.split(",", 1)[0]) <= step]
-        if len(kept) < len(rows):
-            write_text_atomic(path, "\n".join(kept) + "\n")
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [row for row in rows[1:] if len(row) == 3 and row[0].isdigit() and int(row[0]) <= step]
+        if len(kept) < len(rows):  # rows of later steps, or one a crash cut short
+            buffer = io.StringIO()
+            csv.writer(buffer).writerows(kept)
+            write_text_atomic(path, buffer.getvalue())
 
     def log(self, row: dict[str, float]) -> None:
         """Append ``row`` (with ``step``) to log.csv and TensorBoard, and show it in the bar."""
@@ -449,7 +453,11 @@ class Trainer:
         except RuntimeError as e:  # the same architecture with other options: torch's message lists every key
             raise ValueError(f"{path}: its weights do not fit this run's {built} model ({str(e).splitlines()[0][:200]}); "
                              "resume with the run's own settings, or name=... for a new run") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # other trainable parameters: e.g. a model whose unused ones a newer ddep freezes
+            raise ValueError(f"{path}: its optimizer state does not fit this run's trainable parameters ({e}); fine-tune "
+                             "from the run's model/ (init=...) or start a new run") from None
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):  # empty when the run was not in fp16
             self.scaler.load_state_dict(state["scaler"])

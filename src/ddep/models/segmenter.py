@@ -31,12 +31,12 @@ def find_unused_parameters(model: nn.Module, size: tuple[int, int]) -> tuple[str
     search finds them. A model that cannot run there (an operation without a meta implementation,
     a tensor kept outside its parameters and buffers) gives None.
     """
-    params = {name: torch.empty_like(p, device="meta").requires_grad_() for name, p in model.named_parameters()}
-    buffers = {name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()}
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.train()
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # a model built under inference_mode, too
+            params = {name: torch.empty_like(p, device="meta").requires_grad_() for name, p in model.named_parameters()}
+            buffers = {name: torch.empty_like(b, device="meta") for name, b in model.named_buffers()}
             out = functional_call(model, {**params, **buffers}, (torch.empty(2, 3, *size, device="meta"),), strict=True)
     except Exception as e:  # noqa: BLE001 - unknown then; DDP searches for them in every step instead
         log.debug("could not trace %s on the meta device (%s: %s)", type(model).__name__, type(e).__name__, e)
@@ -44,6 +44,8 @@ def find_unused_parameters(model: nn.Module, size: tuple[int, int]) -> tuple[str
     finally:
         for module, mode in modes:
             module.training = mode
+    if out.grad_fn is None:  # no graph to walk: unknown, not "nothing used"
+        return None
     reached, seen, stack = set(), set(), [out.grad_fn]
     while stack:
         node = stack.pop()
