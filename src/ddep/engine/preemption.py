@@ -2,8 +2,12 @@
 
 SLURM sends SIGTERM (or, with ``--signal``, SIGUSR1) some time before it kills a job, spot
 instances and torchrun send SIGTERM, a person presses Ctrl-C (SIGINT). While a run trains,
-:class:`StopSignals` records such a signal instead of dying; the Trainer finishes the optimizer
-step in flight, writes ``last.pt`` and exits with :data:`EXIT_PREEMPTED`. Further signals
+:class:`StopSignals` records such a signal instead of dying; the Trainer stops at the next
+micro-batch, writes ``last.pt`` and exits with :data:`EXIT_PREEMPTED`. A signal in the middle of
+an accumulated step does not wait for the step's other micro-batches (torchrun kills its workers
+30 s after forwarding a signal, by default): the step's partial gradients are dropped and the
+checkpoint holds the state at the step's start, so a resumed run redoes that step exactly. The
+time from the signal to the checkpoint is thus one micro-batch and one save. Further signals
 during the save are recorded and change nothing. Under SLURM a SIGUSR1 also requeues the job
 (``scontrol requeue $SLURM_JOB_ID``), which restarts the same command line: with
 ``--resume auto`` it continues from the checkpoint.
@@ -19,6 +23,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -38,6 +43,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.received_at: float | None = None  # time.monotonic() at the first signal
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -53,9 +59,9 @@ class StopSignals:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
-            self.signum = signum
+            self.signum, self.received_at = signum, time.monotonic()
         else:
-            log.warning("%s received again: still stopping after the step in flight", signal.Signals(signum).name)
+            log.warning("%s received again: still stopping", signal.Signals(signum).name)
 
 
 def worker_init(release: multiprocessing.synchronize.Event) -> Callable[[int], None]:

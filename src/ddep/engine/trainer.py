@@ -7,11 +7,13 @@ accumulation, mixed precision, DDP, logging, checkpoints and exact resume; the l
 Exact resume: the data order is a stream of seeded per-epoch permutations and every sample's
 augmentation is seeded by (seed, epoch, index), so a run resumed from step s sees the same
 batches, with the same augmentations, as a run that never stopped; the optimizer, scheduler,
-RNG and noise-generator states come from the checkpoint.
+RNG and noise-generator states come from the checkpoint. A run stopped in the middle of an
+accumulated step saves the state at that step's start (see :meth:`Trainer.batches`).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import logging
@@ -203,6 +205,8 @@ class Trainer:
         self.generator = torch.Generator(device).manual_seed(config["seed"] * 7919 + dist_info.rank)
         self.step = 0
         self.extra: dict[str, Any] = {}
+        self._parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        self._boundary: dict[str, Any] = {}  # what changes between steps besides the weights, as the last step left it
         if resume:
             self.load(checkpoint_path(self.run_dir, "last.pt"))
             if dist_info.is_main:  # only now that the checkpoint fits: a failed resume leaves the run as it was
@@ -211,7 +215,7 @@ class Trainer:
         self.loader = training_loader(dataset, config["seed"], self.batch_size, config["data"]["num_workers"], dist_info,
                                       start=self.step * self.accum, pin_memory=device.type == "cuda")
         self.stop_signals = StopSignals()
-        self._saved_at = (self.step, time.monotonic())  # the step and time of the last last.pt
+        self._saved_at = (self.step if resume else -1, time.monotonic())  # the step and time of the last last.pt
         self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
         self._micro = 0
         self._stepped = False  # a step was taken and the loop's work after it is not yet followed by end_of_step
@@ -251,17 +255,25 @@ class Trainer:
 
     # ----- the loop
     def batches(self) -> Iterator[dict]:
-        """Micro-batches on the device until ``total_steps`` optimizer steps are done."""
+        """Micro-batches on the device until ``total_steps`` optimizer steps are done.
+
+        A stop signal ends the run at the next micro-batch (preemption.py): after a step, with a
+        checkpoint of that step; in the middle of an accumulated step, with a checkpoint of the
+        state the step started from (its partial gradients dropped), so that the stop waits for
+        one micro-batch, not for the step's other ``grad_accum - 1``."""
         self._open_logs()
         if self.step >= self.total_steps:
             return
-        self.stop_signals.install()  # a stop signal ends the run after the step in flight (preemption.py)
+        self.stop_signals.install()
+        self._mark_boundary()
         try:
             for batch in self.loader:
                 yield self.to_device(batch)
                 if self._stepped:  # the loop has done its work for this step (an evaluation, say)
                     self._stepped = False
                     self._end_of_step()
+                else:
+                    self._within_step()
                 if self.step >= self.total_steps:
                     break
         finally:
@@ -332,6 +344,7 @@ class Trainer:
 
         Coming after that work, a checkpoint records it (a held-out evaluation and the best score
         so far), so a run resumed from it chooses what an uninterrupted run chooses."""
+        self._mark_boundary()
         minutes = self.config["checkpoint_minutes"]
         timed = bool(minutes) and time.monotonic() - self._saved_at[1] >= 60 * minutes
         # every rank must take the same decisions (a save gathers their random states): one all-reduce
@@ -341,18 +354,40 @@ class Trainer:
         if signum:
             self._stop(signum)
 
-    def _stop(self, signum: int) -> None:
-        """Save this step's last.pt (unless done), let every rank see it written, and stop."""
+    def _within_step(self) -> None:
+        """Between two micro-batches of a step: stop at once if any rank was signalled (one
+        all-reduce of one number under DDP; nothing in a single process)."""
+        signum = all_reduce_max([self.stop_signals.signum or 0], self.dist, self.device)[0]
+        if signum:
+            self._stop(signum, within_step=True)
+
+    def _mark_boundary(self) -> None:
+        """Keep what a checkpoint of the step just ended holds besides the parameters and the
+        optimizer, which do not change until the next step: the random states, the buffers (batch
+        norm's running statistics change at every forward pass) and ``extra``."""
+        self._boundary = {
+            "rng": self._rng_state(),
+            "buffers": {key: value.detach().clone() for key, value in self.model.state_dict().items()
+                        if key not in self._parameter_names},
+            "extra": copy.deepcopy(self.extra),
+        }
+
+    def _stop(self, signum: int, within_step: bool = False) -> None:
+        """Save last.pt (unless this step's is written), let every rank see it written, and stop."""
         path = checkpoint_path(self.run_dir, "last.pt")
         if self._saved_at[0] != self.step:
-            self.save("last.pt")
+            self.save("last.pt", at_boundary=within_step)
         barrier(self.dist)  # no rank leaves (and makes torchrun stop the others) before the checkpoint exists
         self.stop_signals.restore()
         self.close()
         if signum == signal.SIGUSR1 and self.dist.is_main:
             requeue_slurm_job()
-        raise Preempted(f"stopped by {signal.Signals(signum).name} after step {self.step} of {self.total_steps}; "
-                        f"checkpoint {path} (continue: the same command with --resume auto)")
+        where = (f"during step {self.step + 1} of {self.total_steps} (a resumed run redoes it)" if within_step
+                 else f"after step {self.step} of {self.total_steps}")
+        received = self.stop_signals.received_at  # None on a rank that another rank's signal stopped
+        after = f", written {time.monotonic() - received:.1f} s after the signal" if received is not None else ""
+        raise Preempted(f"stopped by {signal.Signals(signum).name} {where}; checkpoint {path} (step {self.step}{after}; "
+                        "continue: the same command with --resume auto)")
 
     # ----- logs
     def _open_logs(self) -> None:
@@ -407,13 +442,22 @@ class Trainer:
             self._tensorboard.close()
 
     # ----- checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def _rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device).cpu()
+        return rng
+
+    def state_dict(self, at_boundary: bool = False) -> dict[str, Any]:
+        """Everything a resumed run needs; ``at_boundary``: as the last step left it (the weights and
+        optimizer are, the rest is taken from :meth:`_mark_boundary`'s copy)."""
+        rng, model, extra = self._rng_state(), self.model.state_dict(), self.extra
+        if at_boundary:
+            rng, extra = self._boundary["rng"], self._boundary["extra"]
+            model.update(self._boundary["buffers"])
         return {
             "stage": self.stage,
-            "model": self.model.state_dict(),
+            "model": model,
             "model_config": self.model.config,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -421,12 +465,12 @@ class Trainer:
             "step": self.step,
             "rng": {"ranks": gather_objects(rng, self.dist)},  # every rank draws its own noise and dropout
             "config": self.config,
-            "extra": self.extra,
+            "extra": extra,
         }
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, at_boundary: bool = False) -> Path:
         path = checkpoint_path(self.run_dir, name)
-        state = self.state_dict()  # on every rank: it gathers their random states
+        state = self.state_dict(at_boundary)  # on every rank: it gathers their random states
         if self.dist.is_main:
             try:
                 save_checkpoint(state, path, keep_previous=name == "last.pt")
