@@ -80,6 +80,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "allow_trained_images": False},  # report on a split that shares images with the trained ones (never do)
         "eval": EVAL,
         "eval_every": 500,
+        # semi-supervised fine-tuning on unlabeled images too (ddep.engine.semi): none | unimatch | fixmatch
+        "semi": {"method": "none", "threshold": 0.95,  # pseudo-labels' confidence below which a pixel is not learnt
+                 "batch_size": None,  # unlabeled images per micro-batch; None: data.batch_size
+                 "strong_weight": None, "fp_weight": None,  # the loss weights; None: the method's (0.5, 0.5 / 1.0, 0)
+                 # the unlabeled images: a dataset as `data` is one; dataset None: the training split's images outside
+                 # the labeled subset (data.labeled), whose masks are never read
+                 "unlabeled": {"dataset": None, "root": None, "split": "train", "options": {}}},
     },
     "evaluate": {
         **COMMON,
@@ -121,6 +128,8 @@ NULLABLE_TYPES: dict[str, type | tuple[type, ...]] = {
     "optim.lr": float, "optim.clip_grad_norm": float, "checkpoint_minutes": float, "data.root": str, "data.labeled": (str, int, float), "data.scale": list,
     "data.val_split_file": str, "class_names": (list, str), "classes_file": str, "palette": list,
     "eval.crop_size": list, "eval.stride": list, "eval.size_divisor": int, "eval.test_scale": list,
+    "semi.batch_size": int, "semi.strong_weight": float, "semi.fp_weight": float, "semi.unlabeled.dataset": str,
+    "semi.unlabeled.root": str,
 }
 
 
@@ -133,6 +142,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "resume": (False, True, "auto"),
     "optim.name": ("adam", "adamw", "sgd"),
     "data.decode": ("cpu", "gpu"),
+    "semi.method": ("none", "unimatch", "fixmatch"),
 }
 
 

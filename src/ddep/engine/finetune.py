@@ -1,5 +1,6 @@
 """Fine-tuning: a K-class head on a pretrained (or random) model, encoder and decoder trained
-with per-pixel cross-entropy on the labeled images.
+with per-pixel cross-entropy on the labeled images (and, with ``semi.method``, on unlabeled
+images by weak-to-strong consistency: ``semi.py``).
 
 The reported split (``data.val_split``) is never used to choose anything: the final checkpoint is
 the result, unless ``data.select_fraction`` holds part of the labeled training images out, in
@@ -30,6 +31,7 @@ from .distributed import barrier, launched_rank, shutdown
 from .evaluate import evaluate_model, write_metrics
 from .plan import run_plan
 from .run import start_run, with_model
+from .semi import SemiSupervised, check_semi, semi_enabled, unlabeled_set
 from .summary import write_finetune_report
 from .trainer import Trainer
 
@@ -41,6 +43,7 @@ class FinetuneData(NamedTuple):
     select: Dataset | None  # held out of the labeled images to choose a checkpoint on, or None
     val: Dataset  # the reported split
     pool: Dataset  # the training split the labeled images are drawn from
+    unlabeled: Dataset | None  # the unlabeled images of semi-supervised fine-tuning, or None
 
 
 def finetune_data(config: dict[str, Any]) -> FinetuneData:
@@ -56,14 +59,19 @@ def finetune_data(config: dict[str, Any]) -> FinetuneData:
     val = split(data["val_split"], **_val_options(data))
     check_reported_split(val, labeled, data)
     indices = labeled_indices(labeled, data["labeled"], data["labeled_seed"])
+    unlabeled = None
+    if semi_enabled(config):
+        check_semi(config)
+        unlabeled = unlabeled_set(config, indices)
     if not data["select_fraction"]:
-        sets = FinetuneData(LabeledSubset(labeled, indices), None, val, labeled)
+        sets = FinetuneData(LabeledSubset(labeled, indices), None, val, labeled, unlabeled)
     else:
         if config["eval_every"] < 1:
             raise ValueError("data.select_fraction chooses a checkpoint among the periodic evaluations: set eval_every > 0")
         trained, held = hold_out(indices, data["select_fraction"], data["labeled_seed"])
         # the held-out images get evaluation transforms: a dataset of their own, not the training set's
-        sets = FinetuneData(LabeledSubset(labeled, trained), LabeledSubset(split(data["split"], **data["options"]), held), val, labeled)
+        sets = FinetuneData(LabeledSubset(labeled, trained), LabeledSubset(split(data["split"], **data["options"]), held), val, labeled,
+                            unlabeled)
     progress = config["progress"] and launched_rank() == 0
     check_pairs(labeled, indices, progress=progress)  # a bad file stops the run now, not at some step: every one named
     check_pairs(val, progress=progress)
@@ -153,12 +161,17 @@ def plan_finetune(config: dict[str, Any]) -> dict[str, Any]:
     alone (no run folder, no weights built)."""
     config = with_init(config)
     sets = finetune_data(config)
-    return run_plan(
+    plan = run_plan(
         config, len(sets.train), finetune_lr(config, config["model"]), passes="epochs_over_labeled",
         select_images=len(sets.select) if sets.select is not None else 0,
         selected_on=split_hash(sets.select.pairs) if sets.select is not None else None,
         val_images=len(sets.val),
     )
+    if sets.unlabeled is not None:
+        per_step = (config["semi"]["batch_size"] or config["data"]["batch_size"]) * plan["grad_accum"] * plan["processes"]
+        plan.update(semi=config["semi"]["method"], unlabeled_images=len(sets.unlabeled), unlabeled_images_per_step=per_step,
+                    passes_over_unlabeled=round(plan["steps"] * per_step / len(sets.unlabeled), 2))
+    return plan
 
 
 def build_finetune_model(config: dict[str, Any], classes: int, model: SegmentationModel | None = None) -> SegmentationModel:
@@ -202,8 +215,9 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
         if sets.select is not None:
             sets.select.transform = eval_transforms(mean, std)
         trainer = Trainer(config, model, sets.train, run.dir, run.dist, run.device, finetune_lr(config, model.config), "finetune", run.resumed)
+        loss = segmentation_loss if sets.unlabeled is None else SemiSupervised(config, sets.unlabeled, trainer, mean, std).loss
         for batch in trainer.batches():
-            if trainer.backward(segmentation_loss(trainer, batch)) and trainer.due(config["eval_every"]):
+            if trainer.backward(loss(trainer, batch)) and trainer.due(config["eval_every"]):
                 periodic_evaluation(trainer, sets, eval_config, run)
         best = checkpoint_path(run.dir, "best.pt")
         if sets.select is not None:

@@ -217,6 +217,7 @@ class Trainer:
         self.stop_signals = StopSignals()
         self._saved_at = (self.step if resume else -1, time.monotonic())  # the step and time of the last last.pt
         self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
+        self._tracked: dict[str, tuple[torch.Tensor, int]] = {}  # the loop's own values for the next log row: (sum, count)
         self._micro = 0
         self._stepped = False  # a step was taken and the loop's work after it is not yet followed by end_of_step
         self._progress = None
@@ -321,6 +322,13 @@ class Trainer:
         self._after_step()
         return True
 
+    def track(self, **values: torch.Tensor) -> None:
+        """Add a micro-batch's values (a semi-supervised loss's parts, say) to the next log row,
+        which holds their mean since the row before; kept on the device until then (no sync)."""
+        for key, value in values.items():
+            total, count = self._tracked.get(key, (0.0, 0))
+            self._tracked[key] = (total + value.detach().float(), count + 1)
+
     def due(self, every: int) -> bool:
         """Whether something that runs every ``every`` steps runs after this step (and the last)."""
         return every > 0 and (self.step % every == 0 or self.step == self.total_steps)
@@ -336,7 +344,10 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "images_per_s": self._images / max(elapsed, 1e-9),
             }
+            for key, (total, count) in self._tracked.items():
+                row[key] = all_reduce_mean(float(total) / count, self.dist, self.device)
             self.log(row)
+            self._tracked = {}
             self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
 
     def _end_of_step(self) -> None:

@@ -59,6 +59,16 @@ def find_unused_parameters(model: nn.Module, size: tuple[int, int]) -> tuple[str
     return tuple(name for name, p in params.items() if id(p) not in reached)
 
 
+def _with_dropped_channels(features: Any) -> Any:
+    """Each feature map batched with a copy of it under ``Dropout2d(0.5)``; other tensors (a ViT's
+    prefix tokens) batched with themselves; lists and tuples of them alike."""
+    if isinstance(features, (list, tuple)):
+        return type(features)(_with_dropped_channels(f) for f in features)
+    if features.dim() == 4:
+        return torch.cat([features, F.dropout2d(features, 0.5, training=True)])
+    return torch.cat([features, features])
+
+
 class SegmentationModel(nn.Module):
     """``encoder -> decoder -> segmentation_head``, returning logits at the input's resolution.
 
@@ -102,12 +112,19 @@ class SegmentationModel(nn.Module):
         for name in names or ():
             self.get_parameter(name).requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, perturb: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the input's resolution. ``perturb``: also the logits of the same encoder
+        features with half their channels dropped (``Dropout2d(0.5)``, whatever the mode), decoded
+        in one pass with the clean ones: UniMatch's feature perturbation (``model/semseg/
+        deeplabv3plus.py``, ``need_fp``), on every feature map the decoder takes."""
         self.check_input(x)
-        logits = self.segmentation_head(self.decode(self.encoder(x)))
+        features = self.encoder(x)
+        if perturb:
+            features = _with_dropped_channels(features)
+        logits = self.segmentation_head(self.decode(features))
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits
+        return tuple(logits.chunk(2)) if perturb else logits
 
     def decode(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.decoder(features)

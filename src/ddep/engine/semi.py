@@ -1,0 +1,125 @@
+"""Semi-supervised fine-tuning: the unlabeled images trained on by weak-to-strong consistency.
+
+UniMatch (Yang et al., CVPR 2023; LiheYoung/UniMatch ``unimatch.py``): the model's prediction on
+an unlabeled image's weak view, taken without gradients, gives pseudo-labels and their
+confidence; two strong views of it (``ddep.data.semi``), each with a CutMix box, learn those
+pseudo-labels where the confidence reaches ``semi.threshold``, and so do the weak view's encoder
+features with half their channels dropped (feature perturbation). The loss of a micro-batch is
+
+    (supervised + strong_weight * mean(strong views) + fp_weight * perturbed) / 2
+
+with UniMatch's weights 0.5 and 0.5 (its ``(sup + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2``). FixMatch,
+the ablation, has one strong view and no perturbation: ``(supervised + strong) / 2``. An
+unlabeled loss counts the confident pixels that padding did not add and is averaged over all
+pixels that padding did not add. A strong view's box is filled from the batch in reverse order
+(UniMatch V2's partner, ``unimatch_v2.py``), its pixels and their pseudo-labels alike.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..data import build_dataset
+from ..data.seeds import sample_seed
+from ..data.semi import WeakStrongViews, unlabeled_images
+from ..data.shards import ShardImages
+from ..data.transforms import IGNORE_INDEX
+from .trainer import Trainer, training_loader
+
+#: Per method: strong views, the default weights of their mean loss and of the perturbed one.
+METHODS = {"unimatch": (2, 0.5, 0.5), "fixmatch": (1, 1.0, 0.0)}
+
+
+def semi_enabled(config: dict[str, Any]) -> bool:
+    return config["semi"]["method"] != "none"
+
+
+def unlabeled_set(config: dict[str, Any], labeled_indices: list[int]) -> Dataset:
+    """``semi.unlabeled``'s images (without transforms); by default the training split's images
+    outside the labeled subset."""
+    data, source = config["data"], config["semi"]["unlabeled"]
+    if source["dataset"] is None:
+        return unlabeled_images(build_dataset(data["dataset"], data["root"], data["split"], **data["options"]), labeled_indices)
+    images = build_dataset(source["dataset"], source["root"], source["split"], **source["options"])
+    if isinstance(images, ShardImages):
+        raise ValueError("semi.unlabeled.dataset=shards is not supported yet: give a folder (semi.unlabeled.dataset=unlabeled "
+                         "semi.unlabeled.root=DIR)")
+    return images
+
+
+def check_semi(config: dict[str, Any]) -> None:
+    """The ``semi`` values the config's types do not check, before a run folder exists."""
+    semi = config["semi"]
+    if not 0 <= semi["threshold"] <= 1:
+        raise ValueError(f"semi.threshold is a confidence in [0, 1]; got {semi['threshold']}")
+    if semi["batch_size"] is not None and semi["batch_size"] < 1:
+        raise ValueError(f"semi.batch_size must be >= 1 (null: data.batch_size); got {semi['batch_size']}")
+
+
+class SemiSupervised:
+    """The loss of a micro-batch: the labeled batch's cross-entropy and the unlabeled losses of a
+    batch drawn from its own stream (split over ranks and workers, resumed at the same step)."""
+
+    def __init__(self, config: dict[str, Any], images: Dataset, trainer: Trainer, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        semi, data = config["semi"], config["data"]
+        self.views, strong_weight, fp_weight = METHODS[semi["method"]]
+        self.strong_weight = strong_weight if semi["strong_weight"] is None else semi["strong_weight"]
+        self.fp_weight = fp_weight if semi["fp_weight"] is None else semi["fp_weight"]
+        self.threshold = semi["threshold"]
+        scale = tuple(data["scale"]) if data["scale"] else None
+        images.transform = WeakStrongViews(data["crop_size"], mean, std, tuple(data["ratio_range"]), scale, self.views)
+        self.batch_size = semi["batch_size"] or data["batch_size"]
+        loader = training_loader(images, sample_seed(config["seed"], -1, -2), self.batch_size, data["num_workers"], trainer.dist,
+                                 start=trainer.step * trainer.accum, pin_memory=trainer.device.type == "cuda")
+        self.batches = iter(loader)
+
+    def loss(self, trainer: Trainer, batch: dict) -> torch.Tensor:
+        unlabeled = trainer.to_device(next(self.batches))
+        labeled = batch["image"].shape[0]
+        with trainer.autocast():
+            both = torch.cat([batch["image"], unlabeled["image"]])
+            logits, perturbed = trainer.net(both, perturb=True) if self.fp_weight else (trainer.net(both), None)
+        supervised = F.cross_entropy(logits[:labeled].float(), batch["mask"], ignore_index=IGNORE_INDEX)
+        with torch.no_grad():
+            confidence, pseudo = logits[labeled:].detach().float().softmax(1).max(1)
+        ignore = unlabeled["ignore"]
+        strong, targets = [], []
+        for view in range(self.views):
+            image, target = cutmix(unlabeled["strong"][:, view], unlabeled["boxes"][:, view], (pseudo, confidence, ignore))
+            strong.append(image)
+            targets.append(target)
+        with trainer.autocast():
+            strong_logits = trainer.net(torch.cat(strong)).chunk(self.views)
+        strong_losses = [consistency_loss(out, *target, self.threshold) for out, target in zip(strong_logits, targets)]
+        strong_loss = torch.stack(strong_losses).mean()
+        total = supervised + self.strong_weight * strong_loss
+        parts = {"loss_supervised": supervised, "loss_strong": strong_loss}
+        if perturbed is not None:
+            parts["loss_perturbed"] = consistency_loss(perturbed[labeled:], pseudo, confidence, ignore, self.threshold)
+            total = total + self.fp_weight * parts["loss_perturbed"]
+        counted = ~ignore
+        parts["mask_ratio"] = ((confidence >= self.threshold) & counted).sum() / counted.sum().clamp(min=1)
+        trainer.track(**parts)
+        return total / 2
+
+
+def cutmix(images: torch.Tensor, boxes: torch.Tensor, targets: tuple[torch.Tensor, ...]
+           ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Inside each sample's box, the pixels of the batch in reverse order, in the images (B x C x
+    H x W) and in each per-pixel target (B x H x W) alike."""
+    mixed = torch.where(boxes[:, None], images.flip(0), images)
+    return mixed, tuple(torch.where(boxes, target.flip(0), target) for target in targets)
+
+
+def consistency_loss(logits: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor, ignore: torch.Tensor,
+                     threshold: float) -> torch.Tensor:
+    """UniMatch's ``criterion_u``: cross-entropy against the pseudo-labels on the pixels whose
+    confidence reaches ``threshold``, summed and divided by the count of pixels not ignored."""
+    per_pixel = F.cross_entropy(logits.float(), pseudo, reduction="none")
+    counted = ~ignore
+    return (per_pixel * ((confidence >= threshold) & counted)).sum() / counted.sum().clamp(min=1)

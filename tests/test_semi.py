@@ -1,0 +1,170 @@
+"""Semi-supervised fine-tuning (UniMatch, FixMatch): views, CutMix, the consistency loss, and
+runs that use unlabeled images, resume exactly and never read their masks."""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TRANSUNET, tiny_model
+from fake_data import FINETUNE, interrupt_after, rgb, save
+from ddep.cli import main
+from ddep.data.seeds import seeded
+from ddep.data.semi import WeakStrongViews, cutmix_box, unlabeled_images
+from ddep.data.unlabeled import UnlabeledImages
+from ddep.engine.semi import consistency_loss, cutmix
+from test_engine import DROPOUT_MODEL
+from test_reliability import assert_same_weights, final_weights
+
+SEMI = ["data.root=data", *FINETUNE, "data.labeled=2", "data.batch_size=2", "eval_every=0", "semi.method=unimatch"]
+
+
+def test_a_cutmix_box_is_a_rectangle_of_2_to_40_percent_of_the_crop_inside_it():
+    assert not cutmix_box((24, 32), p=0.0).any()
+    for seed in range(20):
+        with seeded(seed):
+            box = cutmix_box((24, 32), p=1.0)
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert box.sum() == h * w  # one filled rectangle
+        assert rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w
+        # int() truncates each side of a box of U(0.02, 0.4) of the area
+        assert 0 < h * w <= 0.4 * 24 * 32 and (h + 1) * (w + 1) >= 0.02 * 24 * 32
+
+
+def test_cutmix_pastes_the_reversed_batch_into_the_images_and_their_targets_alike():
+    images = torch.stack([torch.full((1, 2, 3), 1.0), torch.full((1, 2, 3), 2.0)])
+    boxes = torch.tensor([[[True, False, False], [True, False, False]], [[False] * 3, [False] * 3]])
+    pseudo = torch.tensor([[[0, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 1, 1]]])
+    confidence, ignore = pseudo.float() / 2, pseudo.bool()
+    mixed, (mixed_pseudo, mixed_confidence, mixed_ignore) = cutmix(images, boxes, (pseudo, confidence, ignore))
+    assert mixed[0, 0].tolist() == [[2.0, 1.0, 1.0], [2.0, 1.0, 1.0]]  # the box of image 0 holds image 1
+    assert torch.equal(mixed[1], images[1])  # no box: unchanged
+    assert mixed_pseudo[0].tolist() == [[1, 0, 0], [1, 0, 0]]
+    assert mixed_confidence[0].tolist() == [[0.5, 0, 0], [0.5, 0, 0]]
+    assert mixed_ignore[0].tolist() == [[True, False, False], [True, False, False]]
+
+
+def test_the_consistency_loss_is_unimatchs_criterion_by_hand():
+    """Three pixels: confident, not confident, confident but padding. CE of logits (0, ln 3)
+    against class 1 is -ln(3/4); only the first pixel counts, over the two that are not padding."""
+    logits = torch.tensor([[0.0, 0.0, 0.0], [math.log(3)] * 3]).view(1, 2, 1, 3)
+    pseudo = torch.ones(1, 1, 3, dtype=torch.long)
+    confidence = torch.tensor([[[0.96, 0.9, 0.99]]])
+    ignore = torch.tensor([[[False, False, True]]])
+    loss = consistency_loss(logits, pseudo, confidence, ignore, threshold=0.95)
+    assert loss.item() == pytest.approx(-math.log(0.75) / 2)
+    assert consistency_loss(logits, pseudo, confidence, torch.ones_like(ignore), 0.95).item() == 0.0  # all padding: no NaN
+
+
+def test_the_views_share_one_crop_mark_its_padding_and_differ_in_colour():
+    views = WeakStrongViews((48, 40), mean=(0.5,) * 3, std=(0.25,) * 3, ratio_range=(1.0, 1.0))
+    with seeded(3):
+        sample = views({"image": rgb(1, size=(32, 36)), "name": "a.png"})  # 36 x 32: padded to 48 x 40
+    assert sample["image"].shape == (3, 48, 40) and sample["strong"].shape == (2, 3, 48, 40)
+    assert sample["boxes"].shape == (2, 48, 40) and sample["boxes"].dtype == torch.bool
+    ignore = torch.ones(48, 40, dtype=torch.bool)
+    ignore[:32, :36] = False
+    assert torch.equal(sample["ignore"], ignore)
+    assert (sample["strong"][:, :, 32:] == 0).all() and (sample["image"][:, 32:] == 0).all()  # padding: the mean colour
+    with seeded(3):
+        again = views({"image": rgb(1, size=(32, 36))})
+    assert torch.equal(again["strong"], sample["strong"])  # seeded: the same views
+    assert not torch.equal(sample["strong"][0], sample["image"]) or not torch.equal(sample["strong"][1], sample["image"])
+
+
+@pytest.mark.parametrize("arch", ["unet", "transunet", "smp:FPN"])
+def test_feature_perturbation_decodes_clean_and_dropped_features_in_one_pass(arch):
+    model = ddep_model(arch).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        clean, perturbed = model(x, perturb=True)
+        assert torch.allclose(clean, model(x), atol=1e-5)  # the clean half is the plain forward pass
+    assert perturbed.shape == clean.shape and not torch.allclose(perturbed, clean)
+
+
+def ddep_model(arch):
+    import ddep
+
+    if arch == "smp:FPN":
+        return ddep.build_model("smp:FPN", "tu-test_resnet", classes=3)
+    return tiny_model(arch, classes=3) if arch == "unet" else tiny_model("transunet", classes=3)
+
+
+def test_the_default_unlabeled_images_are_the_training_split_outside_the_labeled_ones_without_masks(data):
+    from ddep.data import build_dataset
+
+    labeled = build_dataset("folder", "data", "train", num_classes=3)
+    images = unlabeled_images(labeled, [1, 4])
+    assert isinstance(images, UnlabeledImages)
+    assert images.files == [f"images/train/{i}.png" for i in (0, 2, 3, 5)]
+    assert set(images[0]) == {"image", "name"}
+    with pytest.raises(ValueError, match="all 6 training images are labeled, none is left unlabeled"):
+        unlabeled_images(labeled, range(6))
+
+
+@pytest.mark.parametrize("method, logged", [("unimatch", {"loss_supervised", "loss_strong", "loss_perturbed", "mask_ratio"}),
+                                            ("fixmatch", {"loss_supervised", "loss_strong", "mask_ratio"})])
+def test_a_semi_supervised_run_logs_its_losses_and_the_mask_ratio(data, method, logged):
+    assert main(["finetune", *SEMI, "steps=2", f"semi.method={method}", "semi.threshold=0.0"]) == 0
+    rows = [line.split(",") for line in Path("runs/finetune/log.csv").read_text().splitlines()[1:]]
+    keys = {key for step, key, _ in rows if step == "2"}
+    assert logged <= keys
+    values = {key: float(value) for step, key, value in rows if step == "2"}
+    assert values["mask_ratio"] == 1.0  # threshold 0: every pixel that is not padding
+    assert values["loss_strong"] > 0
+    if method == "fixmatch":
+        assert "loss_perturbed" not in keys
+
+
+def test_other_unlabeled_images_without_masks_and_a_transunet_and_an_smp_model(data):
+    shutil.copytree("data/images/val", "photos")  # images only: no mask anywhere near
+    for i in range(3):
+        save(rgb(50 + i, size=(40, 48)), Path("photos") / f"extra{i}.jpg")
+    other = ["semi.unlabeled.dataset=unlabeled", "semi.unlabeled.root=photos", "steps=1"]
+    tiny = "model.options={" + ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in TINY_TRANSUNET.items()) + "}"
+    assert main(["finetune", *SEMI, *other, "model.arch=transunet", "model.encoder=vit_base_r50_s16_224", tiny, "name=tu"]) == 0
+    assert main(["finetune", *SEMI, *other, *DROPOUT_MODEL, "name=fpn"]) == 0
+
+
+def test_the_dry_run_counts_the_unlabeled_images_and_their_passes(data, capsys):
+    assert main(["finetune", *SEMI, "steps=8", "semi.batch_size=3", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (plan["semi"], plan["unlabeled_images"], plan["unlabeled_images_per_step"]) == ("unimatch", 4, 3)
+    assert plan["passes_over_unlabeled"] == 6.0  # 8 steps x 3 images over 4
+
+
+def test_a_semi_supervised_run_interrupted_and_resumed_ends_with_the_uninterrupted_weights(data, monkeypatch):
+    args = [*SEMI, *DROPOUT_MODEL, "steps=4", "semi.threshold=0.5"]
+    assert main(["finetune", *args, "name=straight"]) == 0
+    interrupt_after(monkeypatch, "finetune", [*args, "name=interrupted"], step=3)  # the checkpoint is step 2's
+    assert main(["finetune", *args, "name=interrupted", "--resume"]) == 0
+    assert_same_weights(final_weights("straight"), final_weights("interrupted"))
+
+
+def test_semi_settings_are_checked(data, capsys):
+    assert main(["finetune", *SEMI, "semi.method=meanteacher"]) == 1
+    assert "semi.method must be one of none, unimatch, fixmatch" in capsys.readouterr().err
+    assert main(["finetune", *SEMI, "semi.threshold=1.5"]) == 1
+    assert "semi.threshold is a confidence in [0, 1]; got 1.5" in capsys.readouterr().err
+    assert main(["finetune", *SEMI, "data.labeled=6"]) == 1
+    assert "none is left unlabeled" in capsys.readouterr().err
+    assert not Path("runs").exists()
+
+
+def test_two_ranks_draw_disjoint_unlabeled_images_whose_union_is_a_pass(data):
+    """The unlabeled stream is the labeled one's loader (rank x worker shares of seeded passes)."""
+    from ddep.data import build_dataset
+    from ddep.engine.distributed import DistInfo
+    from ddep.engine.trainer import training_loader
+
+    images = unlabeled_images(build_dataset("folder", "data", "train", num_classes=3), [0, 1])  # 4 images
+    images.transform = WeakStrongViews(32, (0.5,) * 3, (0.25,) * 3)
+    seen = []
+    for rank in (0, 1):
+        batches = iter(training_loader(images, 7, 1, 1, DistInfo(rank=rank, world_size=2)))
+        seen.append([next(batches)["name"][0] for _ in range(2)])  # a pass: 4 images over 2 ranks
+    assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(images.files)
