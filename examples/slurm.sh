@@ -13,11 +13,15 @@
 # processes, which torchrun passes on in the same way. Needs torch >= 2.9 (torchrun's
 # --signals-to-handle and --shutdown-timeout); docs/TRAINING.md says what to do with an older one.
 #SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=16           # the node's cores for its workers and their data loaders
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@300
 
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun no longer inherits --cpus-per-task (Slurm >= 22.05)
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun_pid=
+trap '[ -n "$srun_pid" ] && kill -USR1 "$srun_pid"' USR1
 # --shutdown-timeout: how long torchrun waits for its workers after passing a signal on, before
 # it kills them; it must exceed one micro-batch and one checkpoint save (the log's "written N s
 # after the signal" says how long they took), and --signal's lead must exceed it.
@@ -28,7 +32,7 @@ srun torchrun \
     --signals-to-handle=SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout=120 \
     -m ddep "$@" --resume auto &
 srun_pid=$!
-trap 'kill -USR1 "$srun_pid"' USR1
+trap '' TERM  # (after srun started: it would inherit it) preemption signals the tasks itself: wait for them
 wait "$srun_pid"
 status=$?
 while kill -0 "$srun_pid" 2>/dev/null; do  # a trapped signal ended the wait early: wait again

@@ -329,6 +329,9 @@ def test_the_slurm_script_passes_sigusr1_to_srun_and_waits_for_it_with_torchrun_
     while not (stubs / "srun.args").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)  # the script reaches its wait
+    script.send_signal(signal.SIGTERM)  # preemption: SLURM signals the tasks itself; the script keeps waiting
+    time.sleep(0.2)
+    assert script.poll() is None and not (stubs / "srun.signal").exists()
     script.send_signal(signal.SIGUSR1)
     assert script.wait(timeout=30) == EXIT_PREEMPTED  # srun's status, not the interrupted wait's
     assert (stubs / "srun.signal").read_text().strip() == "USR1"

@@ -390,6 +390,21 @@ def test_skip_nonfinite_skips_and_counts_the_bad_batches(data, monkeypatch, capl
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_a_run_resumed_after_a_skipped_batch_reads_what_an_uninterrupted_one_reads(data, monkeypatch):
+    """The skipped batch was read: the resumed run's loader starts after it, not one batch early."""
+    from fake_data import interrupt_after
+
+    args = [*ARGS["pretrain"], "skip_nonfinite=1", "checkpoint_every=2"]
+    with monkeypatch.context() as patch:
+        nan_on_call(patch, {2})
+        assert main(["pretrain", *args, "name=straight"]) == 0
+    with monkeypatch.context() as patch:
+        nan_on_call(patch, {2})
+        interrupt_after(patch, "pretrain", [*args, "name=resumed"], step=3)  # the checkpoint is step 2's, after the skip
+    assert main(["pretrain", *args, "name=resumed", "--resume"]) == 0
+    assert_same_weights(final_weights("straight"), final_weights("resumed"))
+
+
 def test_evaluation_checks_the_classes_before_making_a_run_folder(data, capsys):
     from conftest import tiny_model
     from ddep.models.saving import save_model

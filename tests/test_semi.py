@@ -17,6 +17,8 @@ from ddep.data.semi import WeakStrongViews, cutmix_box, unlabeled_images
 from ddep.data.unlabeled import UnlabeledImages
 from ddep.engine.semi import consistency_loss, cutmix
 from test_engine import DROPOUT_MODEL
+from test_preemption import signal_on_micro_batch
+from test_smp import DPT_TINY
 from test_reliability import assert_same_weights, final_weights
 
 SEMI = ["data.root=data", *FINETUNE, "data.labeled=2", "data.batch_size=2", "eval_every=0", "semi.method=unimatch"]
@@ -35,7 +37,7 @@ def test_a_cutmix_box_is_a_rectangle_of_2_to_40_percent_of_the_crop_inside_it():
         assert 0 < h * w <= 0.4 * 24 * 32 and (h + 1) * (w + 1) >= 0.02 * 24 * 32
 
 
-def test_cutmix_pastes_the_reversed_batch_into_the_images_and_their_targets_alike():
+def test_cutmix_pastes_the_next_image_into_the_images_and_their_targets_alike():
     images = torch.stack([torch.full((1, 2, 3), 1.0), torch.full((1, 2, 3), 2.0)])
     boxes = torch.tensor([[[True, False, False], [True, False, False]], [[False] * 3, [False] * 3]])
     pseudo = torch.tensor([[[0, 0, 0], [0, 0, 0]], [[1, 1, 1], [1, 1, 1]]])
@@ -76,10 +78,10 @@ def test_the_views_share_one_crop_mark_its_padding_and_differ_in_colour():
     assert not torch.equal(sample["strong"][0], sample["image"]) or not torch.equal(sample["strong"][1], sample["image"])
 
 
-@pytest.mark.parametrize("arch", ["unet", "transunet", "smp:FPN"])
+@pytest.mark.parametrize("arch", ["unet", "transunet", "smp:FPN", "smp:DPT"])
 def test_feature_perturbation_decodes_clean_and_dropped_features_in_one_pass(arch):
     model = ddep_model(arch).eval()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 64, 64)  # DPT: a ViT's prefix tokens beside its feature maps
     with torch.no_grad():
         clean, perturbed = model(x, perturb=True)
         assert torch.allclose(clean, model(x), atol=1e-5)  # the clean half is the plain forward pass
@@ -91,6 +93,8 @@ def ddep_model(arch):
 
     if arch == "smp:FPN":
         return ddep.build_model("smp:FPN", "tu-test_resnet", classes=3)
+    if arch == "smp:DPT":
+        return ddep.build_model("smp:DPT", "tu-test_vit", classes=3, **DPT_TINY)
     return tiny_model(arch, classes=3) if arch == "unet" else tiny_model("transunet", classes=3)
 
 
@@ -120,14 +124,17 @@ def test_a_semi_supervised_run_logs_its_losses_and_the_mask_ratio(data, method, 
         assert "loss_perturbed" not in keys
 
 
-def test_other_unlabeled_images_without_masks_and_a_transunet_and_an_smp_model(data):
-    shutil.copytree("data/images/val", "photos")  # images only: no mask anywhere near
-    for i in range(3):
+def test_other_unlabeled_images_without_masks_and_a_transunet_and_an_smp_model(data, capsys):
+    for i in range(5):  # images only: no mask anywhere near
         save(rgb(50 + i, size=(40, 48)), Path("photos") / f"extra{i}.jpg")
     other = ["semi.unlabeled.dataset=unlabeled", "semi.unlabeled.root=photos", "steps=1"]
     tiny = "model.options={" + ", ".join(f"{k}: {list(v) if isinstance(v, tuple) else v}" for k, v in TINY_TRANSUNET.items()) + "}"
     assert main(["finetune", *SEMI, *other, "model.arch=transunet", "model.encoder=vit_base_r50_s16_224", tiny, "name=tu"]) == 0
     assert main(["finetune", *SEMI, *other, *DROPOUT_MODEL, "name=fpn"]) == 0
+    shutil.copy("data/images/val/3.png", "photos/3.png")  # an image of the reported split: never trained on
+    assert main(["finetune", *SEMI, *other, "name=val"]) == 1
+    assert "1 of the reported split's 5 images are among the unlabeled images semi-supervised training uses" in capsys.readouterr().err
+    assert not Path("runs/val").exists()
 
 
 def test_the_dry_run_counts_the_unlabeled_images_and_their_passes(data, capsys):
@@ -138,11 +145,18 @@ def test_the_dry_run_counts_the_unlabeled_images_and_their_passes(data, capsys):
 
 
 def test_a_semi_supervised_run_interrupted_and_resumed_ends_with_the_uninterrupted_weights(data, monkeypatch):
-    args = [*SEMI, *DROPOUT_MODEL, "steps=4", "semi.threshold=0.5"]
+    """A crash after step 3 (resumed from step 2's checkpoint), and a SIGTERM in the middle of an
+    accumulated step: both unlabeled and labeled streams go on from where the checkpoint was."""
+    args = [*SEMI, *DROPOUT_MODEL, "steps=4", "semi.threshold=0.5", "optim.grad_accum=2"]
     assert main(["finetune", *args, "name=straight"]) == 0
     interrupt_after(monkeypatch, "finetune", [*args, "name=interrupted"], step=3)  # the checkpoint is step 2's
     assert main(["finetune", *args, "name=interrupted", "--resume"]) == 0
     assert_same_weights(final_weights("straight"), final_weights("interrupted"))
+    with monkeypatch.context() as patch:
+        signal_on_micro_batch(patch, {5})  # the first half of step 3
+        assert main(["finetune", *args, "name=signalled"]) == 75
+    assert main(["finetune", *args, "name=signalled", "--resume", "auto"]) == 0
+    assert_same_weights(final_weights("straight"), final_weights("signalled"))
 
 
 def test_semi_settings_are_checked(data, capsys):
@@ -152,6 +166,9 @@ def test_semi_settings_are_checked(data, capsys):
     assert "semi.threshold is a confidence in [0, 1]; got 1.5" in capsys.readouterr().err
     assert main(["finetune", *SEMI, "data.labeled=6"]) == 1
     assert "none is left unlabeled" in capsys.readouterr().err
+    assert main(["finetune", *SEMI, "semi.batch_size=1"]) == 1
+    assert "semi.batch_size must be at least 2 (CutMix pairs each unlabeled image with another of its batch); got 1" in (
+        capsys.readouterr().err)
     assert not Path("runs").exists()
 
 

@@ -47,13 +47,15 @@ def unlabeled_images(labeled: Dataset, labeled_indices: Sequence[int]) -> Datase
 
 def cutmix_box(size: int | tuple[int, int], p: float = CUTMIX_P) -> torch.Tensor:
     """A ``size`` bool mask, True inside a random box (none with probability ``1 - p``): UniMatch's
-    ``obtain_cutmix_box``, for any crop shape, drawn until the box fits."""
+    ``obtain_cutmix_box``, for any crop shape: the area drawn once, the aspect ratio and the
+    position until the box fits."""
     h, w = _size_pair(size)
     box = torch.zeros(h, w, dtype=torch.bool)
     if torch.rand(()).item() >= p:
         return box
+    area = _uniform(*CUTMIX_AREA) * h * w
     while True:
-        area, ratio = _uniform(*CUTMIX_AREA) * h * w, _uniform(*CUTMIX_RATIO)
+        ratio = _uniform(*CUTMIX_RATIO)
         box_w, box_h = int((area / ratio) ** 0.5), int((area * ratio) ** 0.5)
         x, y = int(torch.randint(w, ()).item()), int(torch.randint(h, ()).item())
         if x + box_w <= w and y + box_h <= h:

@@ -91,11 +91,41 @@ def write_splits(
     return written
 
 
+def _images(dataset) -> list[str]:
+    """A labeled dataset's images (its ``pairs``' first parts) or an unlabeled one's (``files``)."""
+    return [image for image, _ in dataset.pairs] if hasattr(dataset, "pairs") else list(dataset.files)
+
+
 def image_keys(dataset) -> set[str]:
     """What identifies each image of a dataset across splits: its resolved path (a split folder and
     a split file naming the same file agree), or its name where there are no files (the demo)."""
     root = getattr(dataset, "root", None)
-    return {str((Path(root) / image).resolve()) if root is not None else image for image, _ in dataset.pairs}
+    return {str((Path(root) / image).resolve()) if root is not None else image for image in _images(dataset)}
+
+
+def copied_images(dataset, other) -> int:
+    """How many of ``dataset``'s image files have a byte-identical file among ``other``'s (the same
+    file, or a copy under another name): sizes compared first, then the SHA-1 of equal sizes."""
+    root, other_root = getattr(dataset, "root", None), getattr(other, "root", None)
+    if root is None or other_root is None:
+        return 0
+    by_size: dict[int, list[Path]] = {}
+    for image in _images(other):
+        path = Path(other_root) / image
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = hashlib.sha1(path.read_bytes()).hexdigest()
+        return digests[path]
+
+    copied = 0
+    for image in _images(dataset):
+        path = Path(root) / image
+        candidates = by_size.get(path.stat().st_size, [])
+        copied += bool(candidates) and digest(path) in {digest(candidate) for candidate in candidates}
+    return copied
 
 
 def shared_images(dataset, other) -> int:

@@ -31,7 +31,7 @@ from .distributed import barrier, launched_rank, shutdown
 from .evaluate import evaluate_model, write_metrics
 from .plan import run_plan
 from .run import start_run, with_model
-from .semi import SemiSupervised, check_semi, semi_enabled, unlabeled_set
+from .semi import SemiSupervised, check_semi, check_unlabeled_apart, semi_enabled, unlabeled_set
 from .summary import write_finetune_report
 from .trainer import Trainer
 
@@ -63,6 +63,7 @@ def finetune_data(config: dict[str, Any]) -> FinetuneData:
     if semi_enabled(config):
         check_semi(config)
         unlabeled = unlabeled_set(config, indices)
+        check_unlabeled_apart(unlabeled, val, data)
     if not data["select_fraction"]:
         sets = FinetuneData(LabeledSubset(labeled, indices), None, val, labeled, unlabeled)
     else:

@@ -11,24 +11,31 @@ features with half their channels dropped (feature perturbation). The loss of a 
 with UniMatch's weights 0.5 and 0.5 (its ``(sup + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2``). FixMatch,
 the ablation, has one strong view and no perturbation: ``(supervised + strong) / 2``. An
 unlabeled loss counts the confident pixels that padding did not add and is averaged over all
-pixels that padding did not add. A strong view's box is filled from the batch in reverse order
-(UniMatch V2's partner, ``unimatch_v2.py``), its pixels and their pseudo-labels alike.
+pixels that padding did not add. A strong view's box is filled from the next image of the batch,
+its pixels and their pseudo-labels alike (UniMatch V2 pairs the batch with itself reversed,
+``unimatch_v2.py``, which pairs the middle image of an odd batch with itself).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..data import build_dataset
+from ..data.io import DataError
 from ..data.seeds import sample_seed
 from ..data.semi import WeakStrongViews, unlabeled_images
 from ..data.shards import ShardImages
+from ..data.splits import copied_images, shared_images
 from ..data.transforms import IGNORE_INDEX
 from .trainer import Trainer, training_loader
+
+log = logging.getLogger(__name__)
 
 #: Per method: strong views, the default weights of their mean loss and of the perturbed one.
 METHODS = {"unimatch": (2, 0.5, 0.5), "fixmatch": (1, 1.0, 0.0)}
@@ -40,7 +47,8 @@ def semi_enabled(config: dict[str, Any]) -> bool:
 
 def unlabeled_set(config: dict[str, Any], labeled_indices: list[int]) -> Dataset:
     """``semi.unlabeled``'s images (without transforms); by default the training split's images
-    outside the labeled subset."""
+    outside the labeled subset. Images of the reported split are refused: training on them, even
+    without their labels, would make its numbers optimistic."""
     data, source = config["data"], config["semi"]["unlabeled"]
     if source["dataset"] is None:
         return unlabeled_images(build_dataset(data["dataset"], data["root"], data["split"], **data["options"]), labeled_indices)
@@ -51,13 +59,29 @@ def unlabeled_set(config: dict[str, Any], labeled_indices: list[int]) -> Dataset
     return images
 
 
+def check_unlabeled_apart(unlabeled: Dataset, val: Dataset, data: dict[str, Any]) -> None:
+    """Refuse unlabeled images that are images of the reported split (the same files or byte-identical
+    copies), unless ``data.allow_trained_images`` (warned)."""
+    shared = max(shared_images(val, unlabeled), copied_images(val, unlabeled))
+    if not shared:
+        return
+    overlap = f"{shared} of the reported split's {len(val)} images are among the unlabeled images semi-supervised training uses"
+    if data["allow_trained_images"]:
+        log.warning("%s (data.allow_trained_images=true): its metrics are not a result to publish", overlap)
+        return
+    raise DataError(f"{overlap}: report on images never trained on (semi.unlabeled.root=... without them), or "
+                    "data.allow_trained_images=true to report anyway: a number never to publish")
+
+
 def check_semi(config: dict[str, Any]) -> None:
     """The ``semi`` values the config's types do not check, before a run folder exists."""
     semi = config["semi"]
     if not 0 <= semi["threshold"] <= 1:
         raise ValueError(f"semi.threshold is a confidence in [0, 1]; got {semi['threshold']}")
-    if semi["batch_size"] is not None and semi["batch_size"] < 1:
-        raise ValueError(f"semi.batch_size must be >= 1 (null: data.batch_size); got {semi['batch_size']}")
+    batch = semi["batch_size"] or config["data"]["batch_size"]
+    if batch < 2:
+        raise ValueError(f"semi.batch_size must be at least 2 (CutMix pairs each unlabeled image with another of its batch); "
+                         f"got {batch}{'' if semi['batch_size'] else ' (data.batch_size)'}")
 
 
 class SemiSupervised:
@@ -75,7 +99,7 @@ class SemiSupervised:
         images.transform = WeakStrongViews(data["crop_size"], mean, std, tuple(data["ratio_range"]), scale, self.views)
         self.batch_size = semi["batch_size"] or data["batch_size"]
         loader = training_loader(images, sample_seed(config["seed"], -1, -2), self.batch_size, data["num_workers"], trainer.dist,
-                                 start=trainer.step * trainer.accum, pin_memory=trainer.device.type == "cuda")
+                                 start=trainer.batches_read, pin_memory=trainer.device.type == "cuda")
         self.batches = iter(loader)
 
     def loss(self, trainer: Trainer, batch: dict) -> torch.Tensor:
@@ -110,10 +134,10 @@ class SemiSupervised:
 
 def cutmix(images: torch.Tensor, boxes: torch.Tensor, targets: tuple[torch.Tensor, ...]
            ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Inside each sample's box, the pixels of the batch in reverse order, in the images (B x C x
-    H x W) and in each per-pixel target (B x H x W) alike."""
-    mixed = torch.where(boxes[:, None], images.flip(0), images)
-    return mixed, tuple(torch.where(boxes, target.flip(0), target) for target in targets)
+    """Inside each sample's box, the pixels of the next sample of the batch (the last takes the
+    first's), in the images (B x C x H x W) and in each per-pixel target (B x H x W) alike."""
+    mixed = torch.where(boxes[:, None], images.roll(-1, 0), images)
+    return mixed, tuple(torch.where(boxes, target.roll(-1, 0), target) for target in targets)
 
 
 def consistency_loss(logits: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor, ignore: torch.Tensor,

@@ -213,11 +213,12 @@ class Trainer:
                 save_config(config, run_dir / "config.yaml")
                 self._forget_logged_after(self.step)
         self.loader = training_loader(dataset, config["seed"], self.batch_size, config["data"]["num_workers"], dist_info,
-                                      start=self.step * self.accum, pin_memory=device.type == "cuda")
+                                      start=self.batches_read, pin_memory=device.type == "cuda")
         self.stop_signals = StopSignals()
         self._saved_at = (self.step if resume else -1, time.monotonic())  # the step and time of the last last.pt
         self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
         self._tracked: dict[str, tuple[torch.Tensor, int]] = {}  # the loop's own values for the next log row: (sum, count)
+        self._pending: dict[str, torch.Tensor] = {}  # this micro-batch's, kept once its loss proves finite
         self._micro = 0
         self._stepped = False  # a step was taken and the loop's work after it is not yet followed by end_of_step
         self._progress = None
@@ -254,6 +255,12 @@ class Trainer:
             moved[key] = value
         return moved
 
+    @property
+    def batches_read(self) -> int:
+        """Micro-batches this process has read since the run began: a resumed run's loaders start
+        after them (the steps' and the skipped non-finite ones)."""
+        return self.step * self.accum + self.extra.get("skipped_nonfinite", 0)
+
     # ----- the loop
     def batches(self) -> Iterator[dict]:
         """Micro-batches on the device until ``total_steps`` optimizer steps are done.
@@ -269,7 +276,10 @@ class Trainer:
         self._mark_boundary()
         try:
             for batch in self.loader:
-                yield self.to_device(batch)
+                # DDP decides at the forward pass whether the backward all-reduces: only at a step's last micro-batch
+                last = not self.dist.enabled or (self._micro + 1) % self.accum == 0
+                with contextlib.nullcontext() if last else self.net.no_sync():
+                    yield self.to_device(batch)
                 if self._stepped:  # the loop has done its work for this step (an evaluation, say)
                     self._stepped = False
                     self._end_of_step()
@@ -285,6 +295,7 @@ class Trainer:
 
         Returns True when a step was taken (``self.step`` counts them)."""
         value = loss.item()  # one device sync per micro-batch, for the check and the log
+        pending, self._pending = self._pending, {}
         finite = math.isfinite(value)
         if self.config["skip_nonfinite"] and self.dist.enabled:  # every rank must skip the same batch
             finite = math.isfinite(all_reduce_mean(value, self.dist, self.device))
@@ -300,11 +311,12 @@ class Trainer:
             log.warning("%s: loss is %s at step %d; batch skipped (%d of at most %d)", self.stage, value, self.step + 1,
                         skipped + 1, self.config["skip_nonfinite"])
             return False
+        for key, tracked in pending.items():
+            total, count = self._tracked.get(key, (0.0, 0))
+            self._tracked[key] = (total + tracked, count + 1)
         self._micro += 1
         boundary = self._micro % self.accum == 0
-        sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
-        with sync:
-            self.scaler.scale(loss / self.accum).backward()
+        self.scaler.scale(loss / self.accum).backward()  # under DDP's no_sync (batches()) unless the step ends here
         self._loss_sum += value
         self._loss_count += 1
         self._images += self.batch_size * self.dist.world_size
@@ -323,11 +335,10 @@ class Trainer:
         return True
 
     def track(self, **values: torch.Tensor) -> None:
-        """Add a micro-batch's values (a semi-supervised loss's parts, say) to the next log row,
-        which holds their mean since the row before; kept on the device until then (no sync)."""
-        for key, value in values.items():
-            total, count = self._tracked.get(key, (0.0, 0))
-            self._tracked[key] = (total + value.detach().float(), count + 1)
+        """Add this micro-batch's values (a semi-supervised loss's parts, say) to the next log row,
+        which holds their mean since the row before (a skipped non-finite batch's left out); kept
+        on the device until then (no sync)."""
+        self._pending.update({key: value.detach().float() for key, value in values.items()})
 
     def due(self, every: int) -> bool:
         """Whether something that runs every ``every`` steps runs after this step (and the last)."""
