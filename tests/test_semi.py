@@ -137,6 +137,21 @@ def test_other_unlabeled_images_without_masks_and_a_transunet_and_an_smp_model(d
     assert not Path("runs/val").exists()
 
 
+def test_the_pseudo_labels_accuracy_is_logged_from_masks_that_never_reach_training(data, capsys):
+    args = [*SEMI, "steps=2", "semi.threshold=0.5"]
+    assert main(["finetune", *args, "name=plain"]) == 0
+    assert main(["finetune", *args, "semi.pseudo_label_accuracy=true", "name=diagnosed"]) == 0
+    assert_same_weights(final_weights("plain"), final_weights("diagnosed"))  # the same views, the same training
+    rows = [line.split(",") for line in Path("runs/diagnosed/log.csv").read_text().splitlines()[1:]]
+    logged = {key: float(value) for step, key, value in rows if step == "2"}
+    assert 0 <= logged["pseudo_accuracy"] <= 1 and 0 <= logged["pseudo_accuracy_confident"] <= 1
+    for i in range(2):
+        save(rgb(60 + i, size=(40, 48)), Path("photos") / f"p{i}.jpg")
+    other = ["semi.unlabeled.dataset=unlabeled", "semi.unlabeled.root=photos", "semi.pseudo_label_accuracy=true"]
+    assert main(["finetune", *args, *other, "name=other"]) == 1
+    assert "semi.pseudo_label_accuracy needs the unlabeled images' masks" in capsys.readouterr().err
+
+
 def test_the_dry_run_counts_the_unlabeled_images_and_their_passes(data, capsys):
     assert main(["finetune", *SEMI, "steps=8", "semi.batch_size=3", "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -84,6 +84,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "semi": {"method": "none", "threshold": 0.95,  # pseudo-labels' confidence below which a pixel is not learnt
                  "batch_size": None,  # unlabeled images per micro-batch; None: data.batch_size
                  "strong_weight": None, "fp_weight": None,  # the loss weights; None: the method's (0.5, 0.5 / 1.0, 0)
+                 # log the pseudo-labels' accuracy against the unlabeled images' masks (read for the log only)
+                 "pseudo_label_accuracy": False,
                  # the unlabeled images: a dataset as `data` is one; dataset None: the training split's images outside
                  # the labeled subset (data.labeled), whose masks are never read
                  "unlabeled": {"dataset": None, "root": None, "split": "train", "options": {}}},

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 from torch.utils.data import Dataset
 
 from .splits import LabeledSubset
 from .transforms import (
-    IGNORE_INDEX, Compose, Normalize, Pad, RandomCrop, RandomHorizontalFlip, RandomResize, Sample, ToTensor, _size_pair,
+    Compose, Normalize, Pad, RandomCrop, RandomHorizontalFlip, RandomResize, Sample, ToTensor, _size_pair,
     _uniform,
 )
 from .unlabeled import UnlabeledImages
@@ -30,17 +30,18 @@ JITTER, JITTER_P, GRAYSCALE_P, BLUR_P, BLUR_SIGMA = (0.5, 0.5, 0.5, 0.25), 0.8, 
 CUTMIX_P, CUTMIX_AREA, CUTMIX_RATIO = 0.5, (0.02, 0.4), (0.3, 1 / 0.3)
 
 
-def unlabeled_images(labeled: Dataset, labeled_indices: Sequence[int]) -> Dataset:
+def unlabeled_images(labeled: Dataset, labeled_indices: Sequence[int], masks: bool = False) -> Dataset:
     """The training split's images outside the labeled subset, as the semi-supervised literature
     uses them: image files alone (their masks are never read), or for a dataset made in memory
     (the demo's scenes) its items, of which :class:`WeakStrongViews` reads the image alone.
-    ``labeled`` must be an instance of its own: its transform is replaced."""
+    ``masks``: the items with their masks, for a diagnostic that never reaches training (the
+    pseudo-labels' accuracy). ``labeled`` must be an instance of its own: its transform is replaced."""
     chosen = set(labeled_indices)
     rest = [i for i in range(len(labeled.pairs)) if i not in chosen]
     if not rest:
         raise ValueError(f"semi-supervised fine-tuning: all {len(labeled.pairs)} training images are labeled, none is left "
                          "unlabeled (label fewer with data.labeled=N, or give other images: semi.unlabeled.root=...)")
-    if getattr(labeled, "root", None) is not None:
+    if getattr(labeled, "root", None) is not None and not masks:
         return UnlabeledImages(labeled.root, files=[labeled.pairs[i][0] for i in rest])
     return LabeledSubset(labeled, rest)
 
@@ -78,19 +79,27 @@ def strong_colours(image: Image.Image) -> Image.Image:
 class WeakStrongViews:
     """A transform of ``{"image"}`` items into ``image`` (the weak view), ``strong`` (``views`` x
     3 x H x W), ``boxes`` (``views`` x H x W, CutMix boxes) and ``ignore`` (H x W, True where
-    padding added pixels), all at ``crop_size``."""
+    padding added pixels), all at ``crop_size``. ``truth``: also the item's mask under the weak
+    view's crop (``truth``, 255 in the padding), for diagnostics only; the views and their random
+    draws are the same either way."""
 
     def __init__(self, crop_size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float],
-                 ratio_range: tuple[float, float] = (0.5, 2.0), scale: tuple[int, int] | None = None, views: int = 2) -> None:
-        self.crop_size, self.views = crop_size, views
+                 ratio_range: tuple[float, float] = (0.5, 2.0), scale: tuple[int, int] | None = None, views: int = 2,
+                 truth: bool = False) -> None:
+        self.crop_size, self.views, self.truth = crop_size, views, truth
         self.weak = Compose([RandomResize(ratio_range, scale), RandomCrop(crop_size), RandomHorizontalFlip()])
         self.finish = Compose([ToTensor(), Normalize(mean, std), Pad(crop_size)])
 
     def __call__(self, sample: Sample) -> dict[str, Any]:
-        # an all-zero mask moves with the crop: the padding then marks it 255
-        weak = self.weak({"image": sample["image"], "mask": Image.new("L", sample["image"].size, 0)})
+        weak = self.weak({"image": sample["image"], **({"mask": sample["mask"]} if self.truth else {})})
+        width, height = weak["image"].size
+        ignore = torch.ones(_size_pair(self.crop_size), dtype=torch.bool)
+        ignore[:height, :width] = False  # Pad fills the bottom and the right
         finished = self.finish(weak)
         strong = [self.finish({"image": strong_colours(weak["image"])})["image"] for _ in range(self.views)]
         boxes = [cutmix_box(self.crop_size) for _ in range(self.views)]
-        return {"image": finished["image"], "strong": torch.stack(strong), "boxes": torch.stack(boxes),
-                "ignore": finished["mask"] == IGNORE_INDEX, "name": sample.get("name", "")}
+        out = {"image": finished["image"], "strong": torch.stack(strong), "boxes": torch.stack(boxes), "ignore": ignore,
+               "name": sample.get("name", "")}
+        if self.truth:
+            out["truth"] = finished["mask"]
+        return out

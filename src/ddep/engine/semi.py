@@ -49,9 +49,13 @@ def unlabeled_set(config: dict[str, Any], labeled_indices: list[int]) -> Dataset
     """``semi.unlabeled``'s images (without transforms); by default the training split's images
     outside the labeled subset. Images of the reported split are refused: training on them, even
     without their labels, would make its numbers optimistic."""
-    data, source = config["data"], config["semi"]["unlabeled"]
+    data, source, truth = config["data"], config["semi"]["unlabeled"], config["semi"]["pseudo_label_accuracy"]
     if source["dataset"] is None:
-        return unlabeled_images(build_dataset(data["dataset"], data["root"], data["split"], **data["options"]), labeled_indices)
+        labeled = build_dataset(data["dataset"], data["root"], data["split"], **data["options"])
+        return unlabeled_images(labeled, labeled_indices, masks=truth)
+    if truth:
+        raise ValueError("semi.pseudo_label_accuracy needs the unlabeled images' masks: only the default unlabeled images "
+                         "(the training split's, semi.unlabeled.dataset=null) have them")
     images = build_dataset(source["dataset"], source["root"], source["split"], **source["options"])
     if isinstance(images, ShardImages):
         raise ValueError("semi.unlabeled.dataset=shards is not supported yet: give a folder (semi.unlabeled.dataset=unlabeled "
@@ -96,7 +100,8 @@ class SemiSupervised:
         self.fp_weight = fp_weight if semi["fp_weight"] is None else semi["fp_weight"]
         self.threshold = semi["threshold"]
         scale = tuple(data["scale"]) if data["scale"] else None
-        images.transform = WeakStrongViews(data["crop_size"], mean, std, tuple(data["ratio_range"]), scale, self.views)
+        images.transform = WeakStrongViews(data["crop_size"], mean, std, tuple(data["ratio_range"]), scale, self.views,
+                                           truth=semi["pseudo_label_accuracy"])
         self.batch_size = semi["batch_size"] or data["batch_size"]
         loader = training_loader(images, sample_seed(config["seed"], -1, -2), self.batch_size, data["num_workers"], trainer.dist,
                                  start=trainer.batches_read, pin_memory=trainer.device.type == "cuda")
@@ -117,8 +122,11 @@ class SemiSupervised:
             image, target = cutmix(unlabeled["strong"][:, view], unlabeled["boxes"][:, view], (pseudo, confidence, ignore))
             strong.append(image)
             targets.append(target)
+        strong = torch.cat(strong)
+        if trainer.use_channels_last:
+            strong = strong.contiguous(memory_format=torch.channels_last)
         with trainer.autocast():
-            strong_logits = trainer.net(torch.cat(strong)).chunk(self.views)
+            strong_logits = trainer.net(strong).chunk(self.views)
         strong_losses = [consistency_loss(out, *target, self.threshold) for out, target in zip(strong_logits, targets)]
         strong_loss = torch.stack(strong_losses).mean()
         total = supervised + self.strong_weight * strong_loss
@@ -127,7 +135,12 @@ class SemiSupervised:
             parts["loss_perturbed"] = consistency_loss(perturbed[labeled:], pseudo, confidence, ignore, self.threshold)
             total = total + self.fp_weight * parts["loss_perturbed"]
         counted = ~ignore
-        parts["mask_ratio"] = ((confidence >= self.threshold) & counted).sum() / counted.sum().clamp(min=1)
+        confident = (confidence >= self.threshold) & counted
+        parts["mask_ratio"] = confident.sum() / counted.sum().clamp(min=1)
+        if "truth" in unlabeled:  # a diagnostic: the masks never reach a loss
+            right, known = pseudo == unlabeled["truth"], unlabeled["truth"] != IGNORE_INDEX
+            parts["pseudo_accuracy"] = (right & known).sum() / known.sum().clamp(min=1)
+            parts["pseudo_accuracy_confident"] = (right & known & confident).sum() / (known & confident).sum().clamp(min=1)
         trainer.track(**parts)
         return total / 2
 
