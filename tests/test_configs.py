@@ -44,7 +44,10 @@ FAKE_TREES = {"cityscapes": lambda root: fake_data.cityscapes(fake_data.cityscap
               "ade20k": fake_data.ade20k, "pascal_context": fake_data.pascal_context}
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "finetune").glob("*.yaml")), ids=lambda p: p.stem)
+SEMI_RECIPES = sorted(p for p in (ROOT / "finetune").glob("*.yaml") if "unimatch" in p.stem)
+
+
+@pytest.mark.parametrize("path", sorted(set((ROOT / "finetune").glob("*.yaml")) - set(SEMI_RECIPES)), ids=lambda p: p.stem)
 def test_paper_budgets_do_not_shrink_with_the_label_fraction(tmp_path, path):
     from ddep.engine.finetune import plan_finetune
 
@@ -66,3 +69,18 @@ def test_a_null_option_is_removed_so_the_constructor_default_applies(tmp_path):
     base.write_text("model:\n  options:\n    decoder_channels: [64, 32, 16, 8, 4]\n    center: true\n")
     config = load_config("pretrain", base, ["model.options.decoder_channels=null", "model.arch=smp:FPN"])
     assert config["model"]["options"] == {"center": True}
+
+
+@pytest.mark.parametrize("path", SEMI_RECIPES, ids=lambda p: p.stem)
+def test_semi_supervised_recipes_use_a_published_split_and_unimatchs_budget(tmp_path, path):
+    """80 (Pascal) or 240 (Cityscapes) epochs over the unlabeled images at 8 per step."""
+    import math
+
+    from ddep.data.published import SPLITS, published_images
+
+    config = load_config("finetune", path)
+    split = config["data"]["labeled"]
+    assert config["semi"]["method"] == "unimatch" and split in SPLITS
+    pool = 10582 if split.startswith("pascal") else 2975
+    epochs = 80 if split.startswith("pascal") else 240
+    assert config["steps"] == math.ceil((pool - len(published_images(split))) / config["data"]["batch_size"]) * epochs

@@ -14,12 +14,13 @@ from torch.utils.data import Dataset
 
 from ..choices import check_choice, check_options
 from .io import DataError, read_image, read_mask
-from .labeled import ADE20K, Cityscapes, FolderDataset, PascalContext59, SegmentationDataset, check_pairs
+from .labeled import ADE20K, Cityscapes, FolderDataset, PascalContext59, PascalVOC, SegmentationDataset, check_pairs
 from .transforms import CROP_PRESETS, IGNORE_INDEX
 from .shards import ShardImages
 from .unlabeled import UnlabeledImages
 
-LABELED = {"cityscapes": Cityscapes, "ade20k": ADE20K, "pascal_context": PascalContext59, "folder": FolderDataset}
+LABELED = {"cityscapes": Cityscapes, "ade20k": ADE20K, "pascal_context": PascalContext59, "pascal_voc": PascalVOC,
+           "folder": FolderDataset}
 DATASETS = (*LABELED, "unlabeled", "shards", "demo")
 
 
@@ -33,7 +34,8 @@ def build_dataset(
     """Build a dataset by name.
 
     - ``cityscapes``, ``ade20k``, ``pascal_context``: the mmsegmentation layouts under ``root``;
-      ``split_file=`` reads pairs from a split file instead of the split folder.
+      ``split_file=`` reads pairs from a split file instead of the split folder. ``pascal_voc``:
+      VOC 2012 with SBD's augmented masks, the semi-supervised literature's training set.
     - ``folder``: a user's ``img_dir``/``ann_dir`` folders, with ``num_classes`` or ``classes_file``
       (and optional ``reduce_zero_label``, ``palette``).
     - ``unlabeled``: every image under ``root`` (recursive), or with ``source="cityscapes"`` (any
@@ -76,6 +78,6 @@ def _keywords(cls: type) -> set[str]:
 
 
 __all__ = [
-    "build_dataset", "DATASETS", "DataError", "SegmentationDataset", "Cityscapes", "ADE20K", "PascalContext59",
+    "build_dataset", "DATASETS", "DataError", "SegmentationDataset", "Cityscapes", "ADE20K", "PascalContext59", "PascalVOC",
     "FolderDataset", "UnlabeledImages", "ShardImages", "read_image", "read_mask", "check_pairs", "CROP_PRESETS", "IGNORE_INDEX",
 ]

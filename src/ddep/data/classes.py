@@ -41,3 +41,9 @@ PASCAL_CONTEXT_59_CLASSES = (
     "pottedplant", "road", "rock", "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa",
     "table", "track", "train", "tree", "truck", "tvmonitor", "wall", "water", "window", "wood",
 )
+
+#: Pascal VOC 2012's 20 object classes and background (VOC devkit order).
+PASCAL_VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)

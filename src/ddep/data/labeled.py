@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..atomic import write_text_atomic
-from .classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_TO_TRAIN_ID, PASCAL_CONTEXT_59_CLASSES
+from .classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABEL_TO_TRAIN_ID, PASCAL_CONTEXT_59_CLASSES, PASCAL_VOC_CLASSES
 from .io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, DataError, inspect_image, read_image, read_mask
 from .transforms import IGNORE_INDEX, ToTensor, Transform
 
@@ -273,6 +273,31 @@ class PascalContext59(SegmentationDataset):
                         raise DataError(f"{listing}: {name}: {root / path} not found")
                 pairs.append((image, mask))
         super().__init__(root, pairs, PASCAL_CONTEXT_59_CLASSES, transform, lut=label_lut(reduce_zero_label=True))
+
+
+class PascalVOC(SegmentationDataset):
+    """Pascal VOC 2012 with the SBD augmented masks, as the semi-supervised literature trains on it:
+    ``JPEGImages/<name>.jpg`` with ``SegmentationClassAug/<name>.png`` (mmsegmentation's folder)
+    or, without it, ``SegmentationClass/<name>.png`` (UniMatch's, holding the augmented masks);
+    ``train`` is the 10,582 images of ``train_aug``, ``val`` the 1,449 of VOC's val, as UniMatch
+    lists them (``ddep.data.published``); 21 classes, 255 on object boundaries ignored."""
+
+    def __init__(self, root, split="train", transform=None, split_file=None) -> None:
+        from .published import pascal_list
+
+        root = _find_layout_root(Path(root), "VOCdevkit/VOC2012", "Pascal VOC")
+        if split_file:
+            pairs = read_split_file(split_file, root)
+        else:
+            if split not in ("train", "val"):
+                raise DataError(f"Pascal VOC split must be train (train_aug, with SBD) or val; got {split!r}")
+            masks = "SegmentationClassAug" if (root / "SegmentationClassAug").is_dir() else "SegmentationClass"
+            pairs = [(image, f"{masks}/{Path(image).stem}.png") for image in pascal_list(split)]
+            missing = [path for pair in pairs for path in pair if not (root / path).is_file()]
+            if missing:
+                raise DataError(f"Pascal VOC {split}: {len(missing)} of its files are not under {root} (first: {missing[0]}); "
+                                "the training split needs SBD's augmented masks (SegmentationClassAug)")
+        super().__init__(root, pairs, PASCAL_VOC_CLASSES, transform)
 
 
 #: Sub-folder names that mark ``<img_dir>`` as split into folders (mmsegmentation's and the usual ones).

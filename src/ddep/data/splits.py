@@ -200,12 +200,32 @@ class LabeledSubset(Dataset):
 
 def labeled_indices(dataset, amount: str | int | Fraction | None, seed: int = 0) -> list[int]:
     """The indices of ``amount`` of a labeled dataset's items (a fraction such as "1/8", or a
-    count), chosen as :func:`write_splits` would choose them for ``seed``; None: every item."""
+    count), chosen as :func:`write_splits` would choose them for ``seed``; a published split's
+    name (``pascal/92``, ``cityscapes/1_16``: ``ddep.data.published``), its images; None: every item."""
     if amount is None:
         return list(range(len(dataset)))
+    if isinstance(amount, str) and "/" in amount and not amount.replace("/", "").isdigit():
+        return published_indices(dataset, amount)
     if not isinstance(amount, Fraction):
         amount = parse_amount(str(amount))
     return select_indices(len(dataset.pairs), amount, seed)
+
+
+def published_indices(dataset, name: str) -> list[int]:
+    """The indices of the published split ``name``'s images in ``dataset`` (matched by image path),
+    in the split file's order; every one must be there."""
+    from .published import SPLITS, published_images
+
+    if name not in SPLITS:
+        raise DataError(f"data.labeled={name!r} is not a published split; they are {', '.join(SPLITS)} (or give a "
+                        "fraction such as 1/8, a count, or data.options.split_file)")
+    position = {image: index for index, (image, _) in enumerate(dataset.pairs)}
+    images = published_images(name)
+    missing = [image for image in images if image not in position]
+    if missing:
+        raise DataError(f"data.labeled={name}: {len(missing)} of its {len(images)} images are not in the training split "
+                        f"(first: {missing[0]}); it is a split of {SPLITS[name]}'s training images")
+    return [position[image] for image in images]
 
 
 def labeled_subset(dataset, amount: str | int | Fraction, seed: int = 0) -> LabeledSubset:
