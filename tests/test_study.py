@@ -19,8 +19,8 @@ ROOTS = ["pretrain.data.root=/data/in21k", "finetune.data.root=/data/cityscapes"
 def test_every_study_the_issue_names_exists_at_both_scales():
     for scale in SCALES:
         assert set(STUDIES) <= set(list_studies(scale))
-    # our investigation at 4 labels, and DDeP on two smp decoders
-    assert set(list_studies("demo")) - set(STUDIES) == {"few-labels", "smp-fpn", "smp-deeplabv3plus"}
+    # our investigation at 4 labels, DDeP on two smp decoders, the semi-supervised study's budget
+    assert set(list_studies("demo")) - set(STUDIES) == {"few-labels", "smp-fpn", "smp-deeplabv3plus", "semi-budget"}
 
 
 @pytest.mark.parametrize("scale, name", [(scale, name) for scale in SCALES for name in list_studies(scale)])
