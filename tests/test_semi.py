@@ -174,6 +174,27 @@ def test_a_semi_supervised_run_interrupted_and_resumed_ends_with_the_uninterrupt
     assert_same_weights(final_weights("straight"), final_weights("signalled"))
 
 
+def test_an_ema_teacher_averages_the_model_after_each_step_and_resumes_with_the_run(data, monkeypatch):
+    """UniMatch V2's teacher: a copy of the model after step 1, then ratio min(1 - 1/step, m) of
+    itself; kept in the checkpoint, so a resumed run ends with the uninterrupted one's teacher too."""
+    from ddep.engine.checkpoint import load_checkpoint
+
+    args = [*SEMI, "steps=3", "checkpoint_every=1", "semi.teacher=ema", "semi.ema_momentum=0.6", "semi.threshold=0.5"]
+    assert main(["finetune", *args, "name=straight"]) == 0
+    before, after = (load_checkpoint(f"runs/straight/checkpoints/{name}.pt") for name in ("last-previous", "last"))
+    assert (before["step"], after["step"]) == (2, 3)
+    ratio = min(1 - 1 / 3, 0.6)
+    for key, teacher in after["companions"]["teacher"].items():
+        if teacher.is_floating_point():
+            expected = ratio * before["companions"]["teacher"][key] + (1 - ratio) * after["model"][key]
+            assert torch.allclose(teacher, expected, atol=1e-6), key
+    interrupt_after(monkeypatch, "finetune", [*args, "name=interrupted"], step=2)
+    assert main(["finetune", *args, "name=interrupted", "--resume"]) == 0
+    resumed = load_checkpoint("runs/interrupted/checkpoints/last.pt")
+    assert_same_weights(after["model"], resumed["model"])
+    assert_same_weights(after["companions"]["teacher"], resumed["companions"]["teacher"])
+
+
 def test_semi_settings_are_checked(data, capsys):
     assert main(["finetune", *SEMI, "semi.method=meanteacher"]) == 1
     assert "semi.method must be one of none, unimatch, fixmatch" in capsys.readouterr().err

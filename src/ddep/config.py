@@ -84,6 +84,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "semi": {"method": "none", "threshold": 0.95,  # pseudo-labels' confidence below which a pixel is not learnt
                  "batch_size": None,  # unlabeled images per micro-batch; None: data.batch_size
                  "strong_weight": None, "fp_weight": None,  # the loss weights; None: the method's (0.5, 0.5 / 1.0, 0)
+                 # pseudo-labels from the model itself (none) or from its exponential moving average (ema: UniMatch V2)
+                 "teacher": "none", "ema_momentum": 0.996,
                  # log the pseudo-labels' accuracy against the unlabeled images' masks (read for the log only)
                  "pseudo_label_accuracy": False,
                  # the unlabeled images: a dataset as `data` is one; dataset None: the training split's images outside
@@ -145,6 +147,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.name": ("adam", "adamw", "sgd"),
     "data.decode": ("cpu", "gpu"),
     "semi.method": ("none", "unimatch", "fixmatch"),
+    "semi.teacher": ("none", "ema"),
 }
 
 

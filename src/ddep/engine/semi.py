@@ -9,7 +9,10 @@ features with half their channels dropped (feature perturbation). The loss of a 
     (supervised + strong_weight * mean(strong views) + fp_weight * perturbed) / 2
 
 with UniMatch's weights 0.5 and 0.5 (its ``(sup + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2``). FixMatch,
-the ablation, has one strong view and no perturbation: ``(supervised + strong) / 2``. An
+the ablation, has one strong view and no perturbation: ``(supervised + strong) / 2``. With
+``semi.teacher: ema`` the pseudo-labels come from an exponential moving average of the model, in
+eval mode (UniMatch V2, ``unimatch_v2.py``: momentum ``min(1 - 1 / step, 0.996)``, weights and
+buffers), kept in the checkpoints. An
 unlabeled loss counts the confident pixels that padding did not add and is averaged over all
 pixels that padding did not add. A strong view's box is filled from the next image of the batch,
 its pixels and their pseudo-labels alike (UniMatch V2 pairs the batch with itself reversed,
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import copy
 import logging
 
 import torch
@@ -106,15 +110,36 @@ class SemiSupervised:
         loader = training_loader(images, sample_seed(config["seed"], -1, -2), self.batch_size, data["num_workers"], trainer.dist,
                                  start=trainer.batches_read, pin_memory=trainer.device.type == "cuda")
         self.batches = iter(loader)
+        self.teacher, self.momentum = None, semi["ema_momentum"]
+        if semi["teacher"] == "ema":
+            self.teacher = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+            trainer.add_companion("teacher", self.teacher)
+            trainer.step_hooks.append(lambda: self.update_teacher(trainer.model, trainer.step))
+
+    @torch.no_grad()
+    def update_teacher(self, model: torch.nn.Module, step: int) -> None:
+        """After optimizer step ``step`` (1, 2, ...): the teacher's weights and buffers move to the
+        model's by ``1 - min(1 - 1 / step, momentum)`` (the first step copies them)."""
+        ratio = min(1 - 1 / step, self.momentum)
+        for mine, theirs in zip(self.teacher.state_dict().values(), model.state_dict().values()):
+            if mine.is_floating_point():
+                mine.mul_(ratio).add_(theirs, alpha=1 - ratio)
+            else:
+                mine.copy_(theirs)
 
     def loss(self, trainer: Trainer, batch: dict) -> torch.Tensor:
         unlabeled = trainer.to_device(next(self.batches))
         labeled = batch["image"].shape[0]
+        # the weak views go through the model with the labeled batch, for their pseudo-labels or perturbed features
+        weak = self.teacher is None or self.fp_weight
         with trainer.autocast():
-            both = torch.cat([batch["image"], unlabeled["image"]])
-            logits, perturbed = trainer.net(both, perturb=True) if self.fp_weight else (trainer.net(both), None)
+            inputs = torch.cat([batch["image"], unlabeled["image"]]) if weak else batch["image"]
+            logits, perturbed = trainer.net(inputs, perturb=True) if self.fp_weight else (trainer.net(inputs), None)
         supervised = F.cross_entropy(logits[:labeled].float(), batch["mask"], ignore_index=IGNORE_INDEX)
         with torch.no_grad():
+            if self.teacher is not None:
+                with trainer.autocast():
+                    logits = torch.cat([logits[:labeled], self.teacher(unlabeled["image"])])
             confidence, pseudo = logits[labeled:].detach().float().softmax(1).max(1)
         ignore = unlabeled["ignore"]
         strong, targets = [], []

@@ -21,7 +21,7 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,11 @@ class Trainer:
         self.extra: dict[str, Any] = {}
         self._parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         self._boundary: dict[str, Any] = {}  # what changes between steps besides the weights, as the last step left it
+        #: Modules a loop keeps beside the model (an EMA teacher, say), saved in checkpoints and restored on
+        #: resume; they must change only at a step (``step_hooks``), as the weights do.
+        self.companions: dict[str, nn.Module] = {}
+        self.step_hooks: list[Callable[[], None]] = []  # run after each optimizer step
+        self._companions_saved: dict[str, dict] = {}  # a resumed run's, until the loop has added its companions
         if resume:
             self.load(checkpoint_path(self.run_dir, "last.pt"))
             if dist_info.is_main:  # only now that the checkpoint fits: a failed resume leaves the run as it was
@@ -223,6 +228,15 @@ class Trainer:
         self._stepped = False  # a step was taken and the loop's work after it is not yet followed by end_of_step
         self._progress = None
         self._tensorboard = None
+
+    def add_companion(self, name: str, module: nn.Module) -> None:
+        """Keep ``module`` in checkpoints as ``name``; a resumed run's saved state is loaded into it."""
+        if name in self._companions_saved:
+            module.load_state_dict(self._companions_saved.pop(name))
+        elif self.step:
+            raise ValueError(f"{self.run_dir}: its checkpoint at step {self.step} holds no {name} (made without it): "
+                             "resume with the run's own settings, or name=... for a new run")
+        self.companions[name] = module
 
     # ----- device, precision
     @property
@@ -331,6 +345,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._stepped = True
+        for hook in self.step_hooks:
+            hook()
         self._after_step()
         return True
 
@@ -488,6 +504,7 @@ class Trainer:
             "rng": {"ranks": gather_objects(rng, self.dist)},  # every rank draws its own noise and dropout
             "config": self.config,
             "extra": extra,
+            "companions": {name: module.state_dict() for name, module in self.companions.items()},
         }
 
     def save(self, name: str, at_boundary: bool = False) -> Path:
@@ -529,6 +546,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.extra = state.get("extra", {})
+        self._companions_saved = state.get("companions", {})
         ranks = state["rng"].get("ranks", [state["rng"]])  # older checkpoints kept rank 0's only
         if len(ranks) != self.dist.world_size:
             log.warning("%s: saved by %d processes, resumed by %d: the random streams differ from an uninterrupted run's",
