@@ -73,9 +73,8 @@ def test_a_null_option_is_removed_so_the_constructor_default_applies(tmp_path):
 
 @pytest.mark.parametrize("path", SEMI_RECIPES, ids=lambda p: p.stem)
 def test_semi_supervised_recipes_use_a_published_split_and_unimatchs_budget(tmp_path, path):
-    """80 (Pascal) or 240 (Cityscapes) epochs over the unlabeled images at 8 per step."""
-    import math
-
+    """80 (Pascal) or 240 (Cityscapes) epochs over the unlabeled images at 8 per step, the last
+    partial batch dropped (UniMatch's loader: drop_last)."""
     from ddep.data.published import SPLITS, published_images
 
     config = load_config("finetune", path)
@@ -83,4 +82,5 @@ def test_semi_supervised_recipes_use_a_published_split_and_unimatchs_budget(tmp_
     assert config["semi"]["method"] == "unimatch" and split in SPLITS
     pool = 10582 if split.startswith("pascal") else 2975
     epochs = 80 if split.startswith("pascal") else 240
-    assert config["steps"] == math.ceil((pool - len(published_images(split))) / config["data"]["batch_size"]) * epochs
+    assert config["steps"] == (pool - len(published_images(split))) // config["data"]["batch_size"] * epochs
+    assert config["model"]["options"]["decoder_atrous_rates"] == [6, 12, 18]  # UniMatch's ASPP, not smp's default

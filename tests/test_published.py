@@ -27,16 +27,19 @@ def test_the_shipped_lists_have_the_literatures_sizes():
             assert all(image.startswith("leftImg8bit/train/") for image in published_images(name))
 
 
-def voc_tree(root: Path, images: list[str]) -> Path:
-    """A VOCdevkit/VOC2012 tree holding ``images`` (JPEGImages/<name>.jpg) and SBD-style masks."""
+def voc_tree(root: Path, images: list[str], fine: int = 0) -> Path:
+    """mmsegmentation's VOCdevkit/VOC2012 layout holding ``images`` (JPEGImages/<name>.jpg): SBD's
+    masks in SegmentationClassAug, and for the first ``fine`` images VOC's own in SegmentationClass
+    (mask value 1, SBD's 2, to tell them apart)."""
     voc = root / "VOCdevkit" / "VOC2012"
     for i, image in enumerate(images):
         path = voc / image
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), i % 255, np.uint8)).save(path)
-        mask = voc / "SegmentationClassAug" / f"{Path(image).stem}.png"
-        mask.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8), i % 21, np.uint8)).save(mask)
+        for folder, value in (("SegmentationClassAug", 2), ("SegmentationClass", 1))[: 1 + (i < fine)]:
+            mask = voc / folder / f"{Path(image).stem}.png"
+            mask.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(mask)
     return root
 
 
@@ -54,12 +57,23 @@ def test_pascal_voc_and_a_published_split_choose_its_images(tmp_path):
     with pytest.raises(DataError, match="'pascal/93' is not a published split; they are pascal/92, pascal/183"):
         labeled_indices(pool, "pascal/93")
     assert len(labeled_indices(pool, "1/8")) == 13  # fractions stay fractions
+    with pytest.raises(DataError, match=r"'1_8' must be a fraction .* \(1/8 for a fraction, or a published split such as pascal/1_8\)"):
+        labeled_indices(pool, "1_8")  # not int("1_8") == 18
 
 
-def test_pascal_voc_without_the_augmented_masks_names_what_is_missing(tmp_path):
-    root = voc_tree(tmp_path, pascal_list("val")[:3])
-    with pytest.raises(DataError, match=r"Pascal VOC val: 2\d\d\d of its files are not under .*VOC2012 \(first: JPEGImages/"):
-        build_dataset("pascal_voc", root, "val")
+def test_pascal_voc_takes_vocs_own_masks_first_and_names_what_is_missing(tmp_path, monkeypatch):
+    from ddep.data import published
+
+    train, val = pascal_list("train")[:4], pascal_list("val")[:2]
+    root = voc_tree(tmp_path, train + val, fine=2)  # VOC's masks for 2 training images, SBD's for the rest
+    monkeypatch.setattr(published, "pascal_list", {"train": train, "val": val}.get)
+    pool = build_dataset("pascal_voc", root, "train")
+    assert [mask.split("/")[0] for _, mask in pool.pairs] == ["SegmentationClass"] * 2 + ["SegmentationClassAug"] * 2
+    with pytest.raises(DataError, match=r"Pascal VOC val: 2 of its files are not under .*VOC2012 \(first: SegmentationClass/"):
+        build_dataset("pascal_voc", root, "val")  # scored on VOC's masks alone: SBD's do not count
+    (root / "VOCdevkit/VOC2012" / train[3]).unlink()
+    with pytest.raises(DataError, match=r"Pascal VOC train: 1 of its files .*\(first: JPEGImages/.*SBD's augmented masks"):
+        build_dataset("pascal_voc", root, "train")
     with pytest.raises(DataError, match="Pascal VOC split must be train"):
         build_dataset("pascal_voc", root, "trainval")
 

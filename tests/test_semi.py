@@ -174,7 +174,7 @@ def test_a_semi_supervised_run_interrupted_and_resumed_ends_with_the_uninterrupt
     assert_same_weights(final_weights("straight"), final_weights("signalled"))
 
 
-def test_an_ema_teacher_averages_the_model_after_each_step_and_resumes_with_the_run(data, monkeypatch):
+def test_an_ema_teacher_averages_the_model_after_each_step_and_resumes_with_the_run(data, monkeypatch, capsys):
     """UniMatch V2's teacher: a copy of the model after step 1, then ratio min(1 - 1/step, m) of
     itself; kept in the checkpoint, so a resumed run ends with the uninterrupted one's teacher too."""
     from ddep.engine.checkpoint import load_checkpoint
@@ -188,11 +188,15 @@ def test_an_ema_teacher_averages_the_model_after_each_step_and_resumes_with_the_
         if teacher.is_floating_point():
             expected = ratio * before["companions"]["teacher"][key] + (1 - ratio) * after["model"][key]
             assert torch.allclose(teacher, expected, atol=1e-6), key
+    assert main(["finetune", *args, "semi.teacher=none", "name=student"]) == 0
+    assert not torch.equal(after["model"]["segmentation_head.weight"], final_weights("student")["segmentation_head.weight"])
     interrupt_after(monkeypatch, "finetune", [*args, "name=interrupted"], step=2)
     assert main(["finetune", *args, "name=interrupted", "--resume"]) == 0
     resumed = load_checkpoint("runs/interrupted/checkpoints/last.pt")
     assert_same_weights(after["model"], resumed["model"])
     assert_same_weights(after["companions"]["teacher"], resumed["companions"]["teacher"])
+    assert main(["finetune", *args, "steps=4", "semi.teacher=none", "name=interrupted", "--resume"]) == 1  # would drop it
+    assert "its checkpoint holds teacher that this run does not keep" in capsys.readouterr().err
 
 
 def test_semi_settings_are_checked(data, capsys):

@@ -277,10 +277,11 @@ class PascalContext59(SegmentationDataset):
 
 class PascalVOC(SegmentationDataset):
     """Pascal VOC 2012 with the SBD augmented masks, as the semi-supervised literature trains on it:
-    ``JPEGImages/<name>.jpg`` with ``SegmentationClassAug/<name>.png`` (mmsegmentation's folder)
-    or, without it, ``SegmentationClass/<name>.png`` (UniMatch's, holding the augmented masks);
-    ``train`` is the 10,582 images of ``train_aug``, ``val`` the 1,449 of VOC's val, as UniMatch
-    lists them (``ddep.data.published``); 21 classes, 255 on object boundaries ignored."""
+    ``JPEGImages/<name>.jpg`` with VOC's own mask ``SegmentationClass/<name>.png`` where there is
+    one, else SBD's ``SegmentationClassAug/<name>.png`` (mmsegmentation's layout; UniMatch's holds
+    all of them in ``SegmentationClass``); val is scored on VOC's masks alone. ``train`` is the
+    10,582 images of ``train_aug``, ``val`` the 1,449 of VOC's val, as UniMatch lists them
+    (``ddep.data.published``); 21 classes, 255 on object boundaries ignored."""
 
     def __init__(self, root, split="train", transform=None, split_file=None) -> None:
         from .published import pascal_list
@@ -291,12 +292,17 @@ class PascalVOC(SegmentationDataset):
         else:
             if split not in ("train", "val"):
                 raise DataError(f"Pascal VOC split must be train (train_aug, with SBD) or val; got {split!r}")
-            masks = "SegmentationClassAug" if (root / "SegmentationClassAug").is_dir() else "SegmentationClass"
-            pairs = [(image, f"{masks}/{Path(image).stem}.png") for image in pascal_list(split)]
-            missing = [path for pair in pairs for path in pair if not (root / path).is_file()]
+            folders = ("SegmentationClass", "SegmentationClassAug") if split == "train" else ("SegmentationClass",)
+            pairs, missing = [], []
+            for image in pascal_list(split):
+                masks = [f"{folder}/{Path(image).stem}.png" for folder in folders]
+                mask = next((m for m in masks if (root / m).is_file()), None)
+                missing += [image] if not (root / image).is_file() else []
+                missing += [" or ".join(masks)] if mask is None else []
+                pairs.append((image, mask))
             if missing:
-                raise DataError(f"Pascal VOC {split}: {len(missing)} of its files are not under {root} (first: {missing[0]}); "
-                                "the training split needs SBD's augmented masks (SegmentationClassAug)")
+                sbd = " (the training split needs SBD's augmented masks, SegmentationClassAug)" if split == "train" else ""
+                raise DataError(f"Pascal VOC {split}: {len(missing)} of its files are not under {root} (first: {missing[0]}){sbd}")
         super().__init__(root, pairs, PASCAL_VOC_CLASSES, transform)
 
 

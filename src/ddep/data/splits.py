@@ -31,12 +31,15 @@ def parse_amount(text: str, what: str = "label amount") -> Fraction | int:
             if not 0 < value <= 1:
                 raise ValueError
             return value
+        if not text.isdigit():  # int() would read "1_8" as 18
+            raise ValueError
         count = int(text)
         if count < 1:
             raise ValueError
         return count
     except (ValueError, ZeroDivisionError):
-        raise DataError(f"{what} {text!r} must be a fraction in (0, 1] such as 1/30 or 0.05, or a count >= 1") from None
+        hint = f" (1/{text[2:]} for a fraction, or a published split such as pascal/{text})" if "_" in text else ""
+        raise DataError(f"{what} {text!r} must be a fraction in (0, 1] such as 1/30 or 0.05, or a count >= 1{hint}") from None
 
 
 def amount_name(text: str) -> str:
@@ -204,8 +207,8 @@ def labeled_indices(dataset, amount: str | int | Fraction | None, seed: int = 0)
     name (``pascal/92``, ``cityscapes/1_16``: ``ddep.data.published``), its images; None: every item."""
     if amount is None:
         return list(range(len(dataset)))
-    if isinstance(amount, str) and "/" in amount and not amount.replace("/", "").isdigit():
-        return published_indices(dataset, amount)
+    if isinstance(amount, str) and "/" in amount and not amount.replace("/", "").strip().isdigit():
+        return published_indices(dataset, amount.strip())
     if not isinstance(amount, Fraction):
         amount = parse_amount(str(amount))
     return select_indices(len(dataset.pairs), amount, seed)
@@ -214,7 +217,7 @@ def labeled_indices(dataset, amount: str | int | Fraction | None, seed: int = 0)
 def published_indices(dataset, name: str) -> list[int]:
     """The indices of the published split ``name``'s images in ``dataset`` (matched by image path),
     in the split file's order; every one must be there."""
-    from .published import SPLITS, published_images
+    from .published import DATASETS, SPLITS, published_images
 
     if name not in SPLITS:
         raise DataError(f"data.labeled={name!r} is not a published split; they are {', '.join(SPLITS)} (or give a "
@@ -224,7 +227,7 @@ def published_indices(dataset, name: str) -> list[int]:
     missing = [image for image in images if image not in position]
     if missing:
         raise DataError(f"data.labeled={name}: {len(missing)} of its {len(images)} images are not in the training split "
-                        f"(first: {missing[0]}); it is a split of {SPLITS[name]}'s training images")
+                        f"(first: {missing[0]}); it is a split of {DATASETS[SPLITS[name]]}'s training images")
     return [position[image] for image in images]
 
 

@@ -37,6 +37,7 @@ from ..data.semi import WeakStrongViews, unlabeled_images
 from ..data.shards import ShardImages
 from ..data.splits import copied_images, shared_images
 from ..data.transforms import IGNORE_INDEX
+from .distributed import DistInfo
 from .trainer import Trainer, training_loader
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ def check_semi(config: dict[str, Any]) -> None:
     semi = config["semi"]
     if not 0 <= semi["threshold"] <= 1:
         raise ValueError(f"semi.threshold is a confidence in [0, 1]; got {semi['threshold']}")
+    if not 0 <= semi["ema_momentum"] < 1:
+        raise ValueError(f"semi.ema_momentum must be in [0, 1); got {semi['ema_momentum']}")
     batch = semi["batch_size"] or config["data"]["batch_size"]
     if batch < 2:
         raise ValueError(f"semi.batch_size must be at least 2 (CutMix pairs each unlabeled image with another of its batch); "
@@ -114,18 +117,23 @@ class SemiSupervised:
         if semi["teacher"] == "ema":
             self.teacher = copy.deepcopy(trainer.model).eval().requires_grad_(False)
             trainer.add_companion("teacher", self.teacher)
-            trainer.step_hooks.append(lambda: self.update_teacher(trainer.model, trainer.step))
+            trainer.step_hooks.append(lambda: self.update_teacher(trainer.model, trainer.step, trainer.dist))
 
     @torch.no_grad()
-    def update_teacher(self, model: torch.nn.Module, step: int) -> None:
+    def update_teacher(self, model: torch.nn.Module, step: int, info: DistInfo) -> None:
         """After optimizer step ``step`` (1, 2, ...): the teacher's weights and buffers move to the
-        model's by ``1 - min(1 - 1 / step, momentum)`` (the first step copies them)."""
+        model's by ``1 - min(1 - 1 / step, momentum)`` (the first step copies them). Under DDP each
+        rank's batch-norm statistics follow its own batches: the teacher takes rank 0's buffers, so
+        that every rank's teacher is the checkpoint's."""
         ratio = min(1 - 1 / step, self.momentum)
         for mine, theirs in zip(self.teacher.state_dict().values(), model.state_dict().values()):
             if mine.is_floating_point():
                 mine.mul_(ratio).add_(theirs, alpha=1 - ratio)
             else:
                 mine.copy_(theirs)
+        if info.enabled:
+            for buffer in self.teacher.buffers():
+                torch.distributed.broadcast(buffer, 0)
 
     def loss(self, trainer: Trainer, batch: dict) -> torch.Tensor:
         unlabeled = trainer.to_device(next(self.batches))

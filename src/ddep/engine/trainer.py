@@ -286,6 +286,9 @@ class Trainer:
         self._open_logs()
         if self.step >= self.total_steps:
             return
+        if self._companions_saved:  # the checkpoint keeps modules this run does not: continuing would lose them
+            raise ValueError(f"{self.run_dir}: its checkpoint holds {', '.join(self._companions_saved)} that this run does not "
+                             "keep (made with other settings, semi.teacher say): resume with the run's own settings")
         self.stop_signals.install()
         self._mark_boundary()
         try:
