@@ -225,3 +225,24 @@ def test_two_ranks_draw_disjoint_unlabeled_images_whose_union_is_a_pass(data):
         batches = iter(training_loader(images, 7, 1, 1, DistInfo(rank=rank, world_size=2)))
         seen.append([next(batches)["name"][0] for _ in range(2)])  # a pass: 4 images over 2 ranks
     assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(images.files)
+
+
+def test_tar_shards_as_the_unlabeled_images_and_shards_of_the_reported_images_refused(data, capsys):
+    from ddep.data.shard_writer import write_shards
+
+    for i in range(4):
+        save(rgb(70 + i, size=(40, 48)), Path("photos") / f"s{i}.jpg")
+    write_shards("photos", "shards", max_size=48, per_shard=2, workers=1, progress=False, cache_dir="cache")
+    other = ["semi.unlabeled.dataset=shards", "semi.unlabeled.root=shards", "semi.threshold=0.0"]
+    assert main(["finetune", *SEMI, *other, "steps=4", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (plan["unlabeled_images"], plan["passes_over_unlabeled"]) == (4, 2.0)
+    assert main(["finetune", *SEMI, *other, "steps=2", "name=shards"]) == 0
+    rows = [line.split(",") for line in Path("runs/shards/log.csv").read_text().splitlines()[1:]]
+    assert {key: float(value) for step, key, value in rows if step == "2"}["mask_ratio"] == 1.0
+    assert main(["finetune", *SEMI, *other, "semi.unlabeled.options={decode: gpu}", "name=gpu"]) == 1
+    assert "semi.unlabeled.options.decode must be cpu" in capsys.readouterr().err
+    write_shards("data/images", "everything", max_size=48, workers=1, progress=False, cache_dir="cache")  # val too
+    assert main(["finetune", *SEMI, "semi.unlabeled.dataset=shards", "semi.unlabeled.root=everything", "name=val"]) == 1
+    assert "5 of the reported split's 5 images are among the unlabeled images" in capsys.readouterr().err
+    assert not Path("runs/gpu").exists() and not Path("runs/val").exists()

@@ -88,8 +88,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "teacher": "none", "ema_momentum": 0.996,
                  # log the pseudo-labels' accuracy against the unlabeled images' masks (read for the log only)
                  "pseudo_label_accuracy": False,
-                 # the unlabeled images: a dataset as `data` is one; dataset None: the training split's images outside
-                 # the labeled subset (data.labeled), whose masks are never read
+                 # the unlabeled images: a dataset as `data` is one (a folder, tar shards); dataset None: the
+                 # training split's images outside the labeled subset (data.labeled), whose masks are never read
                  "unlabeled": {"dataset": None, "root": None, "split": "train", "options": {}}},
     },
     "evaluate": {

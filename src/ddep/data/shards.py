@@ -166,6 +166,7 @@ class ShardImages(IterableDataset):
         if not self.shards:
             raise DataError(f"{self.root}: the shards hold no images")
         self.offsets = [0, *itertools.accumulate(self.counts)][:-1]
+        self.source = index.get("source")  # the folder the shards were written from (resolved), if recorded
         self.transform = transform or ToTensor()
         self.shuffle_shards, self.decode = shuffle_shards, decode
         self.seed, self.rank, self.world_size, self.batch_size, self.start = 0, None, None, 1, 0

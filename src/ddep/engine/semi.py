@@ -25,6 +25,7 @@ from typing import Any
 
 import copy
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from ..data.io import DataError
 from ..data.seeds import sample_seed
 from ..data.semi import WeakStrongViews, unlabeled_images
 from ..data.shards import ShardImages
-from ..data.splits import copied_images, shared_images
+from ..data.splits import copied_images, image_keys, shared_images
 from ..data.transforms import IGNORE_INDEX
 from .distributed import DistInfo
 from .trainer import Trainer, training_loader
@@ -61,17 +62,26 @@ def unlabeled_set(config: dict[str, Any], labeled_indices: list[int]) -> Dataset
     if truth:
         raise ValueError("semi.pseudo_label_accuracy needs the unlabeled images' masks: only the default unlabeled images "
                          "(the training split's, semi.unlabeled.dataset=null) have them")
-    images = build_dataset(source["dataset"], source["root"], source["split"], **source["options"])
-    if isinstance(images, ShardImages):
-        raise ValueError("semi.unlabeled.dataset=shards is not supported yet: give a folder (semi.unlabeled.dataset=unlabeled "
-                         "semi.unlabeled.root=DIR)")
-    return images
+    if source["options"].get("decode", "cpu") != "cpu":
+        raise ValueError("semi.unlabeled.options.decode must be cpu: the weak and strong views are made by the loader's workers")
+    return build_dataset(source["dataset"], source["root"], source["split"], **source["options"])
+
+
+def images_from_source(val: Dataset, shards: ShardImages) -> int:
+    """How many of ``val``'s image files lie under the folder ``shards`` were written from (the shards
+    re-encode their images, so a byte comparison could not find them; their keys are the paths)."""
+    if shards.source is None or getattr(val, "root", None) is None:
+        return 0
+    return sum(Path(key).is_relative_to(shards.source) for key in image_keys(val))
 
 
 def check_unlabeled_apart(unlabeled: Dataset, val: Dataset, data: dict[str, Any]) -> None:
     """Refuse unlabeled images that are images of the reported split (the same files or byte-identical
     copies), unless ``data.allow_trained_images`` (warned)."""
-    shared = max(shared_images(val, unlabeled), copied_images(val, unlabeled))
+    if isinstance(unlabeled, ShardImages):
+        shared = images_from_source(val, unlabeled)
+    else:
+        shared = max(shared_images(val, unlabeled), copied_images(val, unlabeled))
     if not shared:
         return
     overlap = f"{shared} of the reported split's {len(val)} images are among the unlabeled images semi-supervised training uses"
