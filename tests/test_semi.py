@@ -2,7 +2,10 @@
 runs that use unlabeled images, resume exactly and never read their masks."""
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +249,39 @@ def test_tar_shards_as_the_unlabeled_images_and_shards_of_the_reported_images_re
     assert main(["finetune", *SEMI, "semi.unlabeled.dataset=shards", "semi.unlabeled.root=everything", "name=val"]) == 1
     assert "5 of the reported split's 5 images are among the unlabeled images" in capsys.readouterr().err
     assert not Path("runs/gpu").exists() and not Path("runs/val").exists()
+
+
+RECORDING_RUN = """
+import json, os, sys
+from ddep.cli import main
+from ddep.engine import semi
+drawn, start = [], semi.SemiSupervised.__init__
+
+def recording(self, *args, **kwargs):  # the unlabeled batches' names, as the loss draws them
+    start(self, *args, **kwargs)
+    self.batches = (drawn.append(list(batch["name"])) or batch for batch in self.batches)
+
+semi.SemiSupervised.__init__ = recording
+code = main(sys.argv[2:])
+open(f"{sys.argv[1]}.{os.environ['RANK']}.json", "w").write(json.dumps(drawn))
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_draw_disjoint_unlabeled_images_whose_union_is_a_pass(data, tmp_path):
+    """``ddep finetune`` with semi on under torchrun: each step, the two ranks' unlabeled batches
+    (two loader workers each) are the 4 unlabeled images, once."""
+    Path("run.py").write_text(RECORDING_RUN)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "run.py",
+                           "drawn", "finetune", *SEMI, "steps=3", "data.num_workers=2", "device=cpu", "semi.threshold=0.5"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads(Path(f"drawn.{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # a batch of 2 per rank and step
+    unlabeled = set(ranks[0][0]) | set(ranks[1][0])
+    assert len(unlabeled) == 4 and unlabeled < {f"images/train/{i}.png" for i in range(6)}
+    for mine, theirs in zip(*ranks):
+        assert len(set(mine)) == len(set(theirs)) == 2 and not set(mine) & set(theirs) and set(mine) | set(theirs) == unlabeled
+    assert "loss_strong" in Path("runs/finetune/log.csv").read_text()
