@@ -17,6 +17,9 @@ def test_tables_show_mean_std_and_difference():
     assert md.splitlines()[2] == "| 4 | 12.0 ± 2.8 | 21.0 ± 1.4 | +9.0 ± 1.4 |"
     assert md.splitlines()[3] == "| 16 | 30.0 ± 0.0 | 33.0 ± 0.0 | +3.0 |"
     assert "+9.0" in text_table(RESULTS, ["4", "16"], "labels", baseline="random_decoder")
+    compared = markdown_table(RESULTS, ["4"], "labels", compare=[("random_decoder", "ddep")]).splitlines()
+    assert compared[0] == "| labels | random_decoder | ddep | random_decoder - ddep |"
+    assert compared[2] == "| 4 | 12.0 ± 2.8 | 21.0 ± 1.4 | -9.0 ± 1.4 |"
     rows = csv_text(RESULTS, ["4"], "labels").splitlines()
     assert rows[0] == "labels,variant,mean,std,n,values"
     assert rows[1] == "4,random_decoder,12.000,2.828,2,10.000 14.000"

@@ -20,14 +20,14 @@ def test_every_study_the_issue_names_exists_at_both_scales():
     for scale in SCALES:
         assert set(STUDIES) <= set(list_studies(scale))
     # our investigation at 4 labels, DDeP on two smp decoders, the semi-supervised study's budget
-    assert set(list_studies("demo")) - set(STUDIES) == {"few-labels", "smp-fpn", "smp-deeplabv3plus", "semi-budget"}
+    assert set(list_studies("demo")) - set(STUDIES) == {"few-labels", "smp-fpn", "smp-deeplabv3plus", "semi-budget", "semi-supervised"}
 
 
 @pytest.mark.parametrize("scale, name", [(scale, name) for scale in SCALES for name in list_studies(scale)])
 def test_every_study_resolves_into_checked_configs(tmp_path, scale, name):
     study = load_study(study_path(name, scale), tmp_path, ROOTS if scale == "paper" else ())
     assert len(study.cells) == len(study.values) * len(study.variants) >= 4
-    assert study.baseline in study.variants
+    assert study.baseline in study.variants or study.compare
     for cell in study.cells:
         assert len(cell.finetunes) == len(study.seeds)
         assert [f["seed"] for f in cell.finetunes] == [f["data"]["labeled_seed"] for f in cell.finetunes] == study.seeds
@@ -102,6 +102,7 @@ def write_study(folder: Path, **changes) -> Path:
     ({"variants": {"random decoder": {}, "DDeP": {"pretrain": "no"}}}, "'pretrain' takes true or false (false: no pretraining); got 'no'"),
     ({"variants": {"random decoder": {}, "DDeP": {"pretrain.noise.sdt": 0.1}}}, "pretrain config: unknown config key 'noise.sdt'; did you mean 'noise.std'?"),
     ({"baseline": "random"}, "baseline 'random' is not one of the variants"),
+    ({"compare": [["DDeP", "random"]]}, "compare must be a list of [variant, other variant] pairs of ['random decoder', 'DDeP']"),
     ({"axis": {"name": "sigma"}}, "axis must be a mapping with name and values"),
     ({"sedes": [0]}, "unknown study keys ['sedes']"),
     ({"variants": {"random decoder": {}, "DDeP": "sigma=0.1"}}, "variant 'DDeP' must be a mapping; got 'sigma=0.1'"),
@@ -150,30 +151,40 @@ def test_a_tiny_study_runs_reports_and_resumes(tmp_path, capsys):
             "pretrain.data.options.size=32", "finetune.data.options.size=32", "pretrain.data.crop_size=32",
             "finetune.data.crop_size=32", "pretrain.data.batch_size=4", "finetune.data.batch_size=2", "finetune.data.labeled=2",
             "pretrain.progress=false", "finetune.progress=false"]
-    path = write_study(tmp_path, seeds=[0, 1], title="Tiny")
+    semi = {"finetune.semi.method": "unimatch", "finetune.semi.pseudo_label_accuracy": True}
+    path = write_study(tmp_path, seeds=[0, 1], title="Tiny", compare=[["DDeP + UniMatch", "DDeP"]],
+                       variants={"random decoder": {"pretrain": False}, "DDeP": {}, "DDeP + UniMatch": semi})
     out = tmp_path / "out"
     assert main(["experiment", str(path), "--out", str(out), *tiny]) == 0
     printed = capsys.readouterr().out
     record = json.loads((out / "study" / "results.json").read_text())
-    assert (record["values"], record["variants"], record["seeds"]) == (["0.2", "0.5"], ["random decoder", "DDeP"], [0, 1])
+    assert (record["values"], record["variants"], record["seeds"]) == (["0.2", "0.5"], ["random decoder", "DDeP", "DDeP + UniMatch"],
+                                                                        [0, 1])
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert sum(r.startswith("pretrain-") for r in runs) == 2  # one per sigma
-    assert sum(r.startswith("finetune-") for r in runs) == 6  # the random decoder's 2 seeds are shared by both sigmas
+    assert sum(r.startswith("finetune-") for r in runs) == 10  # the random decoder's 2 seeds are shared by both sigmas
     for variant, by_value in record["results"].items():
         for value, values in by_value.items():
             names = record["runs"][variant][value]
             assert values == [json.loads((out / n / "metrics.json").read_text())["mIoU"] for n in names]
     assert record["results"]["random decoder"]["0.2"] == record["results"]["random decoder"]["0.5"]
     rows = list(csv.DictReader(io.StringIO((out / "study" / "results.csv").read_text())))
-    assert [(r["sigma"], r["variant"], r["n"]) for r in rows] == [
-        ("0.2", "random decoder", "2"), ("0.2", "DDeP", "2"), ("0.5", "random decoder", "2"), ("0.5", "DDeP", "2")]
+    assert [(r["sigma"], r["variant"], r["n"]) for r in rows] == [(sigma, variant, "2") for sigma in ("0.2", "0.5")
+                                                                  for variant in ("random decoder", "DDeP", "DDeP + UniMatch")]
     table = (out / "study" / "table.md").read_text()
-    assert table.startswith("# Tiny") and "| sigma | random decoder | DDeP | DDeP - random decoder |" in table
+    assert table.startswith("# Tiny") and ("| sigma | random decoder | DDeP | DDeP + UniMatch | DDeP - random decoder | "
+                                           "DDeP + UniMatch - random decoder | DDeP + UniMatch - DDeP |") in table
+    # the semi-supervised runs' pseudo-label statistics at their last step, from their log.csv, in percent
+    logged = record["logged"]["DDeP + UniMatch"]["0.5"][1]
+    last = {row["key"]: float(row["value"]) for row in csv.DictReader(open(out / record["runs"]["DDeP + UniMatch"]["0.5"][1] / "log.csv"))}
+    assert logged["mask_ratio"] == pytest.approx(100 * last["mask_ratio"]) and 0 <= logged["pseudo_accuracy"] <= 100
+    assert "mask_ratio" not in record["logged"]["DDeP"]["0.5"][0] and record["logged"]["DDeP"]["0.5"][0]["images_per_s"] > 0
+    assert "| sigma | DDeP + UniMatch |" in table.split("mask_ratio: unlabeled pixels whose pseudo-label reaches the threshold")[1]
     assert (out / "study" / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "DDeP - random decoder" in printed
 
     # a second call makes nothing new and reports the same numbers
     assert main(["experiment", str(path), "--out", str(out), *tiny]) == 0
-    assert capsys.readouterr().out.count("(reused)") == 2 + 8
+    assert capsys.readouterr().out.count("(reused)") == 2 + 12
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
     assert json.loads((out / "study" / "results.json").read_text())["results"] == record["results"]

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 Results = Mapping[str, Mapping[str, Sequence[float]]]  # variant -> setting -> per-seed values
+Pairs = Sequence[tuple[str, str]]  # (variant, the variant it is compared with)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -29,39 +30,40 @@ def difference(values: Sequence[float], base: Sequence[float]) -> str:
     return f"{mean_std(values)[0] - mean_std(base)[0]:+.1f}"
 
 
-def table_rows(results: Results, settings: Sequence[str], baseline: str | None = None) -> list[list[str]]:
-    """One row per setting: mean ± std of each variant, then each variant's difference to ``baseline``."""
-    variants = list(results)
+def comparisons(results: Results, baseline: str | None = None, compare: Pairs = ()) -> list[tuple[str, str]]:
+    """Each variant against ``baseline``, then the pairs of ``compare``."""
+    return [(v, baseline) for v in results if baseline is not None and v != baseline] + [tuple(p) for p in compare]
+
+
+def table_rows(results: Results, settings: Sequence[str], baseline: str | None = None, compare: Pairs = ()) -> list[list[str]]:
+    """One row per setting: mean ± std of each variant, then the differences of :func:`comparisons`."""
     rows = []
     for setting in settings:
         row = [setting]
-        for variant in variants:
+        for variant in results:
             m, s = mean_std(results[variant].get(setting, []))
             row.append(f"{m:.1f} ± {s:.1f}")
-        if baseline is not None:
-            base = results[baseline].get(setting, [])
-            row += [difference(results[v].get(setting, []), base) for v in variants if v != baseline]
+        row += [difference(results[v].get(setting, []), results[b].get(setting, [])) for v, b in comparisons(results, baseline, compare)]
         rows.append(row)
     return rows
 
 
-def header(results: Results, setting_name: str, baseline: str | None = None) -> list[str]:
-    names = [setting_name, *results]
-    if baseline is not None:
-        names += [f"{v} - {baseline}" for v in results if v != baseline]
-    return names
+def header(results: Results, setting_name: str, baseline: str | None = None, compare: Pairs = ()) -> list[str]:
+    return [setting_name, *results, *(f"{v} - {b}" for v, b in comparisons(results, baseline, compare))]
 
 
-def markdown_table(results: Results, settings: Sequence[str], setting_name: str, baseline: str | None = None) -> str:
-    head = header(results, setting_name, baseline)
+def markdown_table(results: Results, settings: Sequence[str], setting_name: str, baseline: str | None = None,
+                   compare: Pairs = ()) -> str:
+    head = header(results, setting_name, baseline, compare)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results, settings, baseline)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results, settings, baseline, compare)]
     return "\n".join(lines) + "\n"
 
 
-def text_table(results: Results, settings: Sequence[str], setting_name: str, baseline: str | None = None) -> str:
-    head = header(results, setting_name, baseline)
-    rows = [head, *table_rows(results, settings, baseline)]
+def text_table(results: Results, settings: Sequence[str], setting_name: str, baseline: str | None = None,
+               compare: Pairs = ()) -> str:
+    head = header(results, setting_name, baseline, compare)
+    rows = [head, *table_rows(results, settings, baseline, compare)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows) + "\n"
 

@@ -8,7 +8,9 @@ overrides of the pretraining (``pretrain.KEY``) or fine-tuning (``finetune.KEY``
 decoder). Overrides apply in this order, the last winning: the study's ``overrides``, the command
 line's ``KEY=VALUE`` (data roots, devices, batch sizes), the axis value, the variant: the command
 line cannot silently change what the study compares. A cell is a variant at an axis value; it is fine-tuned once per seed (``seed`` and
-``data.labeled_seed``), from one pretraining run shared by its seeds.
+``data.labeled_seed``), from one pretraining run shared by its seeds. The table shows each variant
+against ``baseline`` and the pairs of ``compare`` (``[[variant, other], ...]``) as per-seed
+differences; semi-supervised runs also report their pseudo-labels' end-of-training statistics.
 
 Runs are content-addressed: a run's folder is named by a hash of its resolved config, so a run
 that several cells or studies share (the baseline, the default pretraining) is made once, a
@@ -18,9 +20,11 @@ config never reuses an old run.
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import json
 import logging
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +73,13 @@ class Study:
     baseline: str | None
     log_x: bool
     cells: list[Cell]
+    compare: list[tuple[str, str]] = field(default_factory=list)
+
+
+#: log.csv values a study reports beside the mIoU, at the run's last logged step, in percent.
+LOGGED = {"mask_ratio": "unlabeled pixels whose pseudo-label reaches the threshold",
+          "pseudo_accuracy": "pseudo-labels that are right, over all unlabeled pixels",
+          "pseudo_accuracy_confident": "pseudo-labels that are right, over the pixels above the threshold"}
 
 
 def study_path(name: str, scale: str = "demo") -> Path:
@@ -163,7 +174,8 @@ def load_study(
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{path}: expected a mapping")
-    unknown = set(spec) - {"title", "description", "pretrain", "finetune", "seeds", "overrides", "axis", "variants", "baseline", "log_x"}
+    unknown = set(spec) - {"title", "description", "pretrain", "finetune", "seeds", "overrides", "axis", "variants", "baseline", "log_x",
+                           "compare"}
     if unknown:
         raise ConfigError(f"{path}: unknown study keys {sorted(unknown)}")
     bases = {}
@@ -181,6 +193,9 @@ def load_study(
     baseline = spec.get("baseline")
     if baseline is not None and baseline not in variants:
         raise ConfigError(f"{path}: baseline {baseline!r} is not one of the variants {list(variants)}")
+    compare = spec.get("compare") or []
+    if not isinstance(compare, list) or not all(isinstance(p, list) and len(p) == 2 and set(p) <= set(variants) for p in compare):
+        raise ConfigError(f"{path}: compare must be a list of [variant, other variant] pairs of {list(variants)}; got {compare!r}")
     study_overrides = _mapping(spec.get("overrides"), "overrides", path)
     command_line = dict(parse_key_value(text) for text in overrides)
     out = Path(out)
@@ -202,7 +217,7 @@ def load_study(
     for key in sorted(shadowed):
         log.warning("%s: the study sets %s in some cells, replacing the command line's %s=%r there", path, key, key, command_line[key])
     return Study(path.stem, spec.get("title", path.stem), spec.get("description", ""), axis_name, list(axis_values),
-                 list(variants), seeds, baseline, bool(spec.get("log_x", False)), cells)
+                 list(variants), seeds, baseline, bool(spec.get("log_x", False)), cells, [tuple(p) for p in compare])
 
 
 def _resolve(command: str, base: Path, updates: dict[str, Any], out: Path, where: str) -> dict[str, Any]:
@@ -232,6 +247,7 @@ def run_study(study: Study, out: str | Path) -> dict[str, Any]:
         print(f"  pretraining {i}/{len(pretrains)}  {name}" + ("  (reused)" if done else ""))
     results: dict[str, dict[str, list[float]]] = {v: {value: [] for value in study.values} for v in study.variants}
     runs: dict[str, dict[str, list[str]]] = {v: {value: [] for value in study.values} for v in study.variants}
+    logged: dict[str, dict[str, list[dict[str, float]]]] = {v: {value: [] for value in study.values} for v in study.variants}
     count = 0
     for cell in study.cells:
         for config in cell.finetunes:
@@ -241,17 +257,46 @@ def run_study(study: Study, out: str | Path) -> dict[str, Any]:
             miou = json.loads(metrics.read_text())["mIoU"]
             results[cell.variant][cell.value].append(miou)
             runs[cell.variant][cell.value].append(config["name"])
+            logged[cell.variant][cell.value].append(logged_values(out / config["name"] / "log.csv"))
             print(f"  fine-tuning {count}/{len(study.cells) * len(study.seeds)}  {cell.variant} at {study.axis}={cell.value}, "
                   f"seed {config['seed']}: mIoU {miou:.1f}" + ("  (reused)" if reused else ""))
     record = {"study": study.name, "title": study.title, "axis": study.axis, "values": study.values,
-              "variants": study.variants, "seeds": study.seeds, "results": results, "runs": runs,
+              "variants": study.variants, "seeds": study.seeds, "results": results, "runs": runs, "logged": logged,
               "machine": machine(), "seconds": round(time.perf_counter() - start, 1)}
     write_study_report(study, out / study.name, record)
     print()
-    print(text_table(results, study.values, study.axis, study.baseline))
+    print(text_table(results, study.values, study.axis, study.baseline, study.compare))
     print(f"mIoU (%), mean ± std over {len(study.seeds)} seed(s). Written to {out / study.name}/: "
           "results.json, results.csv, table.md, plot.png")
     return record
+
+
+def logged_values(path: Path) -> dict[str, float]:
+    """A run's :data:`LOGGED` values at its last logged step (in percent), and the median of its
+    ``images_per_s`` (labeled images per second: the cost of a step)."""
+    last: dict[str, float] = {}
+    rates: list[float] = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["key"] in LOGGED:
+                last[row["key"]] = 100 * float(row["value"])
+            elif row["key"] == "images_per_s":
+                rates.append(float(row["value"]))
+    return {**last, **({"images_per_s": statistics.median(rates)} if rates else {})}
+
+
+def logged_tables(study: Study, logged: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]]) -> list[str]:
+    """A markdown table per :data:`LOGGED` value that some variant's runs have, and their speed."""
+    lines = []
+    for key, meaning in [*LOGGED.items(), ("images_per_s", "labeled images per second (the median of each run's log)")]:
+        values = {v: {value: [run[key] for run in runs if key in run] for value, runs in by_value.items()}
+                  for v, by_value in logged.items()}
+        values = {v: by_value for v, by_value in values.items() if any(by_value.values())}
+        if values:
+            unit = "" if key == "images_per_s" else " (%)"
+            lines += [f"{key}: {meaning}{unit}, at the end of training, mean ± std over seeds.", "",
+                      markdown_table(values, study.values, study.axis)]
+    return lines
 
 
 def write_study_report(study: Study, folder: Path, record: dict[str, Any]) -> None:
@@ -260,10 +305,10 @@ def write_study_report(study: Study, folder: Path, record: dict[str, Any]) -> No
     plot(results, study.values, folder / "plot.png", study.axis, study.title, log_x=study.log_x)
     write_text_atomic(folder / "results.csv", csv_text(results, study.values, study.axis))
     lines = [f"# {study.title}", "", study.description.strip(), "",
-             markdown_table(results, study.values, study.axis, study.baseline),
+             markdown_table(results, study.values, study.axis, study.baseline, study.compare),
              f"mIoU (%), mean ± std over seeds {', '.join(map(str, study.seeds))}; a difference is the mean ± std of the "
              f"per-seed differences (each seed: the same labeled images for every variant). Machine: {record['machine']}.", "",
-             "![plot](plot.png)", ""]
+             "![plot](plot.png)", "", *logged_tables(study, record.get("logged", {}))]
     write_text_atomic(folder / "table.md", "\n".join(lines))
     write_text_atomic(folder / "results.json", json.dumps(record, indent=2))
 
