@@ -31,6 +31,8 @@ def test_quick_demo_writes_results_report_and_plots(tmp_path, capsys):
     # the printed table has a row per label count with both starts and the difference
     first = record["results"]["ddep"][str(QUICK.label_counts[0])][0]
     assert f"{first:.1f}" in printed and "ddep - random_decoder" in printed
+    # the semi-supervised start is not in the demo: its report and output name the command that shows it
+    assert "`ddep experiment semi-supervised`" in (out / "report.md").read_text() and "experiment semi-supervised" in printed
 
     # a second call reuses every finished run and reports the same numbers
     assert main(["demo", "--quick", "--out", str(out)]) == 0

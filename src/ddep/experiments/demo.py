@@ -36,6 +36,12 @@ from ..models.saving import CONFIG_FILE, load_model
 from .report import markdown_table, plot, text_table
 
 STARTS = {"random_decoder": "ImageNet encoder + random decoder", "ddep": "ImageNet encoder + DDeP decoder"}
+#: Why the demo has no semi-supervised start, and which command shows one.
+SEMI_POINTER = ("The unlabeled images can also be used in fine-tuning (semi-supervised, `semi.method=unimatch`), on top of "
+                "the DDeP start. That is not part of this demo: a UniMatch step costs about three supervised steps and "
+                "needs a longer budget, which would take the demo well past ten minutes on two cores. "
+                "`ddep experiment semi-supervised` measures it (random and DDeP decoders x supervised, FixMatch and UniMatch "
+                "at 4, 16 and 64 labels); docs/RESULTS.md has its numbers.")
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,7 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings = FULL, fresh
     print(text_table(results, settings_names, "labels", baseline="random_decoder"))
     print(f"mIoU (%) on {settings.val_images} validation images, mean ± std over {len(settings.seeds)} seed(s); "
           f"took {timings['total_s'] / 60:.1f} min. Written to {out}/: results.json, report.md, miou_vs_labels.png, denoising.png, predictions.png")
+    print("Semi-supervised fine-tuning on top of the DDeP start: ddep experiment semi-supervised (docs/RESULTS.md).")
     return record
 
 
@@ -211,6 +218,8 @@ def write_report(out: Path, settings: DemoSettings, record: dict[str, Any]) -> N
         f"{settings.label_counts[-1]} labels, seed {settings.seeds[0]}):",
         "",
         "![predictions](predictions.png)",
+        "",
+        SEMI_POINTER,
         "",
         f"Machine: {record['machine']}.",
     ]
