@@ -245,9 +245,14 @@ def test_tar_shards_as_the_unlabeled_images_and_shards_of_the_reported_images_re
     assert {key: float(value) for step, key, value in rows if step == "2"}["mask_ratio"] == 1.0
     assert main(["finetune", *SEMI, *other, "semi.unlabeled.options={decode: gpu}", "name=gpu"]) == 1
     assert "semi.unlabeled.options.decode must be cpu" in capsys.readouterr().err
+    shutil.move("data/images/val", "val-aside")
+    write_shards("data/images", "before", max_size=48, workers=1, progress=False, cache_dir="cache")  # without val
+    shutil.move("val-aside", "data/images/val")
     write_shards("data/images", "everything", max_size=48, workers=1, progress=False, cache_dir="cache")  # val too
     assert main(["finetune", *SEMI, "semi.unlabeled.dataset=shards", "semi.unlabeled.root=everything", "name=val"]) == 1
     assert "5 of the reported split's 5 images are among the unlabeled images" in capsys.readouterr().err
+    # the val images under the shards' source folder, but written there after the shards: the shards' keys decide
+    assert main(["finetune", *SEMI, "semi.unlabeled.dataset=shards", "semi.unlabeled.root=before", "steps=1", "name=before"]) == 0
     assert not Path("runs/gpu").exists() and not Path("runs/val").exists()
 
 
@@ -269,7 +274,7 @@ sys.exit(code)
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_draw_disjoint_unlabeled_images_whose_union_is_a_pass(data, tmp_path):
+def test_two_gloo_processes_draw_disjoint_unlabeled_images_whose_union_is_a_pass(data):
     """``ddep finetune`` with semi on under torchrun: each step, the two ranks' unlabeled batches
     (two loader workers each) are the 4 unlabeled images, once."""
     Path("run.py").write_text(RECORDING_RUN)

@@ -9,7 +9,7 @@ import yaml
 
 from ddep.cli import main
 from ddep.config import ConfigError
-from ddep.experiments.study import SCALES, list_studies, load_study, run_hash, study_path
+from ddep.experiments.study import SCALES, list_studies, load_study, logged_values, run_hash, study_path
 
 STUDIES = ("label-efficiency", "noise-magnitude", "noise-type", "target", "noise-level-sampling",
            "pretrain-compute", "pretrain-data", "decoder-width")
@@ -103,6 +103,8 @@ def write_study(folder: Path, **changes) -> Path:
     ({"variants": {"random decoder": {}, "DDeP": {"pretrain.noise.sdt": 0.1}}}, "pretrain config: unknown config key 'noise.sdt'; did you mean 'noise.std'?"),
     ({"baseline": "random"}, "baseline 'random' is not one of the variants"),
     ({"compare": [["DDeP", "random"]]}, "compare must be a list of [variant, other variant] pairs of ['random decoder', 'DDeP']"),
+    ({"compare": [["DDeP", "DDeP"]]}, "compare must be a list of [variant, other variant] pairs"),
+    ({"compare": [[["DDeP"], "DDeP"]]}, "compare must be a list of [variant, other variant] pairs"),
     ({"axis": {"name": "sigma"}}, "axis must be a mapping with name and values"),
     ({"sedes": [0]}, "unknown study keys ['sedes']"),
     ({"variants": {"random decoder": {}, "DDeP": "sigma=0.1"}}, "variant 'DDeP' must be a mapping; got 'sigma=0.1'"),
@@ -180,6 +182,7 @@ def test_a_tiny_study_runs_reports_and_resumes(tmp_path, capsys):
     assert logged["mask_ratio"] == pytest.approx(100 * last["mask_ratio"]) and 0 <= logged["pseudo_accuracy"] <= 100
     assert "mask_ratio" not in record["logged"]["DDeP"]["0.5"][0] and record["logged"]["DDeP"]["0.5"][0]["images_per_s"] > 0
     assert "| sigma | DDeP + UniMatch |" in table.split("mask_ratio: unlabeled pixels whose pseudo-label reaches the threshold")[1]
+    assert logged_values(tmp_path / "no-log.csv") == {}  # a run made with log_every=0, which shares its hash
     assert (out / "study" / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert "DDeP - random decoder" in printed
 

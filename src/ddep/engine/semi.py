@@ -35,7 +35,7 @@ from ..data import build_dataset
 from ..data.io import DataError
 from ..data.seeds import sample_seed
 from ..data.semi import WeakStrongViews, unlabeled_images
-from ..data.shards import ShardImages
+from ..data.shards import ShardImages, decode_key, shard_keys
 from ..data.splits import copied_images, image_keys, shared_images
 from ..data.transforms import IGNORE_INDEX
 from .distributed import DistInfo
@@ -68,11 +68,21 @@ def unlabeled_set(config: dict[str, Any], labeled_indices: list[int]) -> Dataset
 
 
 def images_from_source(val: Dataset, shards: ShardImages) -> int:
-    """How many of ``val``'s image files lie under the folder ``shards`` were written from (the shards
-    re-encode their images, so a byte comparison could not find them; their keys are the paths)."""
-    if shards.source is None or getattr(val, "root", None) is None:
+    """How many of ``val``'s image files the shards hold: their keys are paths under the folder they
+    were written from (they re-encode the images, so bytes cannot be compared). The shards' member
+    names are read only when some of ``val``'s files lie under that folder."""
+    if getattr(val, "root", None) is None:
         return 0
-    return sum(Path(key).is_relative_to(shards.source) for key in image_keys(val))
+    if shards.source is None:
+        log.warning("%s: its index does not record the folder the shards were written from, so the reported images "
+                    "among them cannot be found; make sure there are none", shards.root)
+        return 0
+    source = Path(shards.source)
+    under = {key for key in image_keys(val) if Path(key).is_relative_to(source)}
+    if not under:
+        return 0
+    held = {str((source / decode_key(key)).resolve()) for shard in shards.shards for key in shard_keys(shards.root / shard)}
+    return len(under & held)
 
 
 def check_unlabeled_apart(unlabeled: Dataset, val: Dataset, data: dict[str, Any]) -> None:
@@ -123,6 +133,7 @@ class SemiSupervised:
         loader = training_loader(images, sample_seed(config["seed"], -1, -2), self.batch_size, data["num_workers"], trainer.dist,
                                  start=trainer.batches_read, pin_memory=trainer.device.type == "cuda")
         self.batches = iter(loader)
+        trainer.check_shard_order(images)
         self.teacher, self.momentum = None, semi["ema_momentum"]
         if semi["teacher"] == "ema":
             self.teacher = copy.deepcopy(trainer.model).eval().requires_grad_(False)

@@ -212,6 +212,7 @@ class Trainer:
         self.companions: dict[str, nn.Module] = {}
         self.step_hooks: list[Callable[[], None]] = []  # run after each optimizer step
         self._companions_saved: dict[str, dict] = {}  # a resumed run's, until the loop has added its companions
+        self.saved_workers: int | None = None  # a resumed run's data.num_workers, as its checkpoint recorded it
         if resume:
             self.load(checkpoint_path(self.run_dir, "last.pt"))
             if dist_info.is_main:  # only now that the checkpoint fits: a failed resume leaves the run as it was
@@ -525,6 +526,15 @@ class Trainer:
             self._saved_at = (self.step, time.monotonic())
         return path
 
+    def check_shard_order(self, dataset: Dataset) -> None:
+        """Warn when a resumed run reads ``dataset``'s tar shards with other loader workers than the
+        run that saved it: their order depends on the count."""
+        workers, now = self.saved_workers, self.config["data"]["num_workers"]
+        if workers is not None and isinstance(dataset, ShardImages) and max(1, workers) != max(1, now):
+            log.warning("%s: saved with data.num_workers=%s, resumed with %s: the shards' order depends on it, so the run goes on "
+                        "from the same step and point of the epoch, but the epoch's remaining samples are not the ones the "
+                        "run would have seen (some come twice, as many not at all)", dataset.root, workers, now)
+
     def load(self, path: Path) -> None:
         """Resume from ``path``, or from the checkpoint before it if ``path`` is damaged."""
         state, path = load_resumable(path, map_location=self.device)
@@ -554,11 +564,8 @@ class Trainer:
         if len(ranks) != self.dist.world_size:
             log.warning("%s: saved by %d processes, resumed by %d: the random streams differ from an uninterrupted run's",
                         path, len(ranks), self.dist.world_size)
-        workers = (state.get("config") or {}).get("data", {}).get("num_workers", 0)
-        if isinstance(self.dataset, ShardImages) and max(1, workers) != max(1, self.config["data"]["num_workers"]):
-            log.warning("%s: saved with data.num_workers=%s, resumed with %s: the shards' order depends on it, so the run goes on "
-                        "from the same step and point of the epoch, but the epoch's remaining samples are not the ones the "
-                        "run would have seen (some come twice, as many not at all)", path, workers, self.config["data"]["num_workers"])
+        self.saved_workers = (state.get("config") or {}).get("data", {}).get("num_workers", 0)
+        self.check_shard_order(self.dataset)
         rng = ranks[self.dist.rank % len(ranks)]
         torch.set_rng_state(rng["torch"].cpu())
         self.generator.set_state(rng["generator"].cpu())

@@ -194,7 +194,8 @@ def load_study(
     if baseline is not None and baseline not in variants:
         raise ConfigError(f"{path}: baseline {baseline!r} is not one of the variants {list(variants)}")
     compare = spec.get("compare") or []
-    if not isinstance(compare, list) or not all(isinstance(p, list) and len(p) == 2 and set(p) <= set(variants) for p in compare):
+    if not isinstance(compare, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, str) for v in p)
+                                                and p[0] != p[1] and set(p) <= set(variants) for p in compare):
         raise ConfigError(f"{path}: compare must be a list of [variant, other variant] pairs of {list(variants)}; got {compare!r}")
     study_overrides = _mapping(spec.get("overrides"), "overrides", path)
     command_line = dict(parse_key_value(text) for text in overrides)
@@ -276,6 +277,8 @@ def logged_values(path: Path) -> dict[str, float]:
     ``images_per_s`` (labeled images per second: the cost of a step)."""
     last: dict[str, float] = {}
     rates: list[float] = []
+    if not path.is_file():  # log_every=0 (which does not change a run's hash) writes none
+        return {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if row["key"] in LOGGED:
@@ -288,14 +291,13 @@ def logged_values(path: Path) -> dict[str, float]:
 def logged_tables(study: Study, logged: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]]) -> list[str]:
     """A markdown table per :data:`LOGGED` value that some variant's runs have, and their speed."""
     lines = []
-    for key, meaning in [*LOGGED.items(), ("images_per_s", "labeled images per second (the median of each run's log)")]:
+    for key, meaning in [*((k, f"{m} (%), at the end of training") for k, m in LOGGED.items()),
+                         ("images_per_s", "labeled images per second, the median of each run's log")]:
         values = {v: {value: [run[key] for run in runs if key in run] for value, runs in by_value.items()}
                   for v, by_value in logged.items()}
         values = {v: by_value for v, by_value in values.items() if any(by_value.values())}
         if values:
-            unit = "" if key == "images_per_s" else " (%)"
-            lines += [f"{key}: {meaning}{unit}, at the end of training, mean ± std over seeds.", "",
-                      markdown_table(values, study.values, study.axis)]
+            lines += [f"{key}: {meaning}; mean ± std over seeds.", "", markdown_table(values, study.values, study.axis)]
     return lines
 
 
