@@ -73,14 +73,19 @@ def test_a_null_option_is_removed_so_the_constructor_default_applies(tmp_path):
 
 @pytest.mark.parametrize("path", SEMI_RECIPES, ids=lambda p: p.stem)
 def test_semi_supervised_recipes_use_a_published_split_and_unimatchs_budget(tmp_path, path):
-    """80 (Pascal) or 240 (Cityscapes) epochs over the unlabeled images at 8 per step, the last
-    partial batch dropped (UniMatch's loader: drop_last)."""
+    """UniMatch: 80 (Pascal) or 240 (Cityscapes) epochs over the unlabeled images at 8 per step;
+    V2: 60 (Pascal) at 16 per step; the last partial batch dropped (their loaders: drop_last)."""
     from ddep.data.published import SPLITS, published_images
 
     config = load_config("finetune", path)
-    split = config["data"]["labeled"]
-    assert config["semi"]["method"] == "unimatch" and split in SPLITS
+    split, method = config["data"]["labeled"], config["semi"]["method"]
+    assert split in SPLITS and method == ("unimatch_v2" if "_v2_" in path.stem else "unimatch")
     pool = 10582 if split.startswith("pascal") else 2975
-    epochs = 80 if split.startswith("pascal") else 240
-    assert config["steps"] == (pool - len(published_images(split))) // config["data"]["batch_size"] * epochs
-    assert config["model"]["options"]["decoder_atrous_rates"] == [6, 12, 18]  # UniMatch's ASPP, not smp's default
+    epochs = {"unimatch_v2": 60}.get(method, 80 if split.startswith("pascal") else 240)
+    per_step = config["data"]["batch_size"] * config["optim"]["grad_accum"]
+    assert config["steps"] == (pool - len(published_images(split))) // per_step * epochs
+    if method == "unimatch":
+        assert config["model"]["options"]["decoder_atrous_rates"] == [6, 12, 18]  # UniMatch's ASPP, not smp's default
+    else:  # V2: an EMA teacher, 40x the learning rate on the head, V2's head widths for ViT-B
+        assert (config["semi"]["teacher"], config["optim"]["decoder_lr_mult"], per_step) == ("ema", 40.0, 16)
+        assert config["model"]["options"]["decoder_intermediate_channels"] == [96, 192, 384, 768]

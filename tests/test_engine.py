@@ -295,3 +295,19 @@ def test_fp16_scaler_state_survives_resume(data, monkeypatch):
     # bf16 and fp32 runs carry no scaler state
     run("finetune", "data.root=data", *FINETUNE, "steps=1", "eval_every=0", "name=fp32")
     assert load_checkpoint("runs/fp32/checkpoints/last.pt")["scaler"] == {}
+
+
+def test_the_decoder_and_head_learn_at_a_multiple_of_the_encoders_rate(data, capsys):
+    """optim.decoder_lr_mult (UniMatch V2: 40): two parameter groups under the one schedule, the
+    encoder's first; 1 keeps the single group older checkpoints hold."""
+    run("finetune", "data.root=data", *FINETUNE, "steps=2", "eval_every=0", "optim.lr=0.01", "optim.warmup_steps=0",
+        "optim.min_lr_ratio=0.5", "optim.decoder_lr_mult=40", "name=mult")
+    model, groups = load_model("runs/mult/model"), load_checkpoint("runs/mult/checkpoints/last.pt")["optimizer"]["param_groups"]
+    encoder = sum(1 for p in model.encoder.parameters() if p.requires_grad)
+    assert [len(g["params"]) for g in groups] == [encoder, sum(1 for p in model.parameters() if p.requires_grad) - encoder]
+    assert [g["initial_lr"] for g in groups] == [0.01, 0.4]
+    assert [g["lr"] for g in groups] == pytest.approx([0.005, 0.2])  # cosine's end, min_lr_ratio 0.5 of each
+    run("finetune", "data.root=data", *FINETUNE, "steps=1", "eval_every=0", "name=one")
+    assert len(load_checkpoint("runs/one/checkpoints/last.pt")["optimizer"]["param_groups"]) == 1
+    assert main(["finetune", "data.root=data", *FINETUNE, "optim.decoder_lr_mult=0", "name=zero"]) == 1
+    assert "optim.decoder_lr_mult must be > 0; got 0" in capsys.readouterr().err

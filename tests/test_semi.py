@@ -91,6 +91,36 @@ def test_feature_perturbation_decodes_clean_and_dropped_features_in_one_pass(arc
     assert perturbed.shape == clean.shape and not torch.allclose(perturbed, clean)
 
 
+def test_complementary_masks_give_each_pair_of_views_the_two_halves_of_the_channels():
+    from ddep.models.segmenter import complementary_masks
+
+    torch.manual_seed(0)
+    masks = complementary_masks(16, 64, torch.device("cpu"))  # 8 pairs: sample i and i + 8
+    first, second = masks[:8], masks[8:]
+    kept = (first == 1).all(1)
+    assert kept.sum() == 4 and (second[kept] == 1).all()  # half of the pairs keep every channel
+    dropped = first[~kept]
+    assert set(dropped.unique().tolist()) == {0.0, 2.0} and torch.equal(second[~kept], 2 - dropped)
+    assert (dropped.mean(1) - 1).abs().max() < 0.5  # about half the channels each
+    with pytest.raises(ValueError, match="a batch of two views of the same images; got 3 samples"):
+        complementary_masks(3, 8, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", ["unet", "smp:DPT"])
+def test_complementary_dropout_decodes_the_two_views_from_complementary_channels(arch):
+    model = ddep_model(arch).eval()
+    x = torch.randn(1, 3, 64, 64).repeat(4, 1, 1, 1)  # two views of two images, all alike
+    with torch.no_grad():
+        torch.manual_seed(1)
+        out = model(x, complementary=True)
+        plain = model(x)
+    assert out.shape == plain.shape
+    changed = [not torch.allclose(out[i], plain[i], atol=1e-5) for i in range(4)]
+    assert changed[0] == changed[2] and changed[1] == changed[3] and sum(changed) == 2  # one pair dropped, one kept
+    with pytest.raises(ValueError, match="choose one"):
+        model(x, perturb=True, complementary=True)
+
+
 def ddep_model(arch):
     import ddep
 
@@ -114,7 +144,8 @@ def test_the_default_unlabeled_images_are_the_training_split_outside_the_labeled
 
 
 @pytest.mark.parametrize("method, logged", [("unimatch", {"loss_supervised", "loss_strong", "loss_perturbed", "mask_ratio"}),
-                                            ("fixmatch", {"loss_supervised", "loss_strong", "mask_ratio"})])
+                                            ("fixmatch", {"loss_supervised", "loss_strong", "mask_ratio"}),
+                                            ("unimatch_v2", {"loss_supervised", "loss_strong", "mask_ratio"})])
 def test_a_semi_supervised_run_logs_its_losses_and_the_mask_ratio(data, method, logged):
     assert main(["finetune", *SEMI, "steps=2", f"semi.method={method}", "semi.threshold=0.0"]) == 0
     rows = [line.split(",") for line in Path("runs/finetune/log.csv").read_text().splitlines()[1:]]
@@ -123,7 +154,7 @@ def test_a_semi_supervised_run_logs_its_losses_and_the_mask_ratio(data, method, 
     values = {key: float(value) for step, key, value in rows if step == "2"}
     assert values["mask_ratio"] == 1.0  # threshold 0: every pixel that is not padding
     assert values["loss_strong"] > 0
-    if method == "fixmatch":
+    if method != "unimatch":
         assert "loss_perturbed" not in keys
 
 

@@ -331,3 +331,16 @@ def test_dpt_takes_any_size_its_patch_size_and_decoder_allow():
     assert wrapped.config["dynamic_img_size"] is False
     assert ddep.from_smp(smp.DPT("tu-test_vit3", encoder_weights=None, **DPT_TINY, dynamic_img_size=True)).config.get(
         "dynamic_img_size", True) is True
+
+
+def test_dpt_on_a_patch_14_vit_is_refused_by_name_while_smps_decoder_cannot_fuse_it():
+    """smp 0.6's DPT truncates a patch-14 ViT's reassembly factors (3.5 to 3, ...): its features do not
+    fuse at any size (smp issue #1328). When smp fixes it, this test fails: lift the refusal then."""
+    import ddep
+
+    with pytest.raises(ValueError, match=r"smp:DPT on tu-vit_small_patch14_dinov2: smp .*'s DPT decoder cannot fuse the features "
+                                         r"of a ViT whose patch size is not a power of two \(14; smp issue #1328\)"):
+        ddep.build_model("smp:DPT", "tu-vit_small_patch14_dinov2", classes=3, encoder_weights=None, **DPT_TINY)
+    model = smp.DPT("tu-vit_small_patch14_dinov2", encoder_weights=None, classes=3, dynamic_img_size=True, **DPT_TINY)
+    with pytest.raises(RuntimeError, match="must match the size of tensor"), torch.no_grad():
+        model.eval()(torch.randn(1, 3, 224, 224))

@@ -33,7 +33,8 @@ COMMON: dict[str, Any] = {
 
 TRAIN: dict[str, Any] = {
     "optim": {"name": "adam", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "momentum": 0.9,
-              "warmup_steps": 0, "min_lr_ratio": 0.0, "grad_accum": 1, "clip_grad_norm": None},
+              "warmup_steps": 0, "min_lr_ratio": 0.0, "grad_accum": 1, "clip_grad_norm": None,
+              "decoder_lr_mult": 1.0},  # the decoder and head's learning rate, as a multiple of lr (the encoder's)
     "steps": None,  # optimizer steps; when None, `epochs` decides
     "epochs": 1,
     "log_every": 10,
@@ -80,10 +81,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "allow_trained_images": False},  # report on a split that shares images with the trained ones (never do)
         "eval": EVAL,
         "eval_every": 500,
-        # semi-supervised fine-tuning on unlabeled images too (ddep.engine.semi): none | unimatch | fixmatch
+        # semi-supervised fine-tuning on unlabeled images too (ddep.engine.semi): none | unimatch | fixmatch | unimatch_v2
         "semi": {"method": "none", "threshold": 0.95,  # pseudo-labels' confidence below which a pixel is not learnt
                  "batch_size": None,  # unlabeled images per micro-batch; None: data.batch_size
-                 "strong_weight": None, "fp_weight": None,  # the loss weights; None: the method's (0.5, 0.5 / 1.0, 0)
+                 "strong_weight": None, "fp_weight": None,  # the loss weights; None: the method's (0.5, 0.5 / 1, 0 / 1, 0)
                  # pseudo-labels from the model itself (none) or from its exponential moving average (ema: UniMatch V2)
                  "teacher": "none", "ema_momentum": 0.996,
                  # log the pseudo-labels' accuracy against the unlabeled images' masks (read for the log only)
@@ -146,7 +147,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "resume": (False, True, "auto"),
     "optim.name": ("adam", "adamw", "sgd"),
     "data.decode": ("cpu", "gpu"),
-    "semi.method": ("none", "unimatch", "fixmatch"),
+    "semi.method": ("none", "unimatch", "fixmatch", "unimatch_v2"),
     "semi.teacher": ("none", "ema"),
 }
 

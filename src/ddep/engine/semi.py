@@ -9,7 +9,9 @@ features with half their channels dropped (feature perturbation). The loss of a 
     (supervised + strong_weight * mean(strong views) + fp_weight * perturbed) / 2
 
 with UniMatch's weights 0.5 and 0.5 (its ``(sup + 0.25 s1 + 0.25 s2 + 0.5 fp) / 2``). FixMatch,
-the ablation, has one strong view and no perturbation: ``(supervised + strong) / 2``. With
+the ablation, has one strong view and no perturbation: ``(supervised + strong) / 2``. UniMatch V2
+(``unimatch_v2.py``) decodes its two strong views from complementary halves of the encoder's
+channels instead of a perturbed weak view: ``(supervised + mean(strong views)) / 2``. With
 ``semi.teacher: ema`` the pseudo-labels come from an exponential moving average of the model, in
 eval mode (UniMatch V2, ``unimatch_v2.py``: momentum ``min(1 - 1 / step, 0.996)``, weights and
 buffers), kept in the checkpoints. An
@@ -43,8 +45,9 @@ from .trainer import Trainer, training_loader
 
 log = logging.getLogger(__name__)
 
-#: Per method: strong views, the default weights of their mean loss and of the perturbed one.
-METHODS = {"unimatch": (2, 0.5, 0.5), "fixmatch": (1, 1.0, 0.0)}
+#: Per method: strong views, the default weights of their mean loss and of the perturbed one, and
+#: whether the strong views are decoded from complementary channels (UniMatch V2).
+METHODS = {"unimatch": (2, 0.5, 0.5, False), "fixmatch": (1, 1.0, 0.0, False), "unimatch_v2": (2, 1.0, 0.0, True)}
 
 
 def semi_enabled(config: dict[str, Any]) -> bool:
@@ -122,7 +125,7 @@ class SemiSupervised:
     def __init__(self, config: dict[str, Any], images: Dataset, trainer: Trainer, mean: Sequence[float],
                  std: Sequence[float]) -> None:
         semi, data = config["semi"], config["data"]
-        self.views, strong_weight, fp_weight = METHODS[semi["method"]]
+        self.views, strong_weight, fp_weight, self.complementary = METHODS[semi["method"]]
         self.strong_weight = strong_weight if semi["strong_weight"] is None else semi["strong_weight"]
         self.fp_weight = fp_weight if semi["fp_weight"] is None else semi["fp_weight"]
         self.threshold = semi["threshold"]
@@ -180,7 +183,7 @@ class SemiSupervised:
         if trainer.use_channels_last:
             strong = strong.contiguous(memory_format=torch.channels_last)
         with trainer.autocast():
-            strong_logits = trainer.net(strong).chunk(self.views)
+            strong_logits = trainer.net(strong, complementary=self.complementary).chunk(self.views)
         strong_losses = [consistency_loss(out, *target, self.threshold) for out, target in zip(strong_logits, targets)]
         strong_loss = torch.stack(strong_losses).mean()
         total = supervised + self.strong_weight * strong_loss

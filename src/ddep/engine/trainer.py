@@ -96,8 +96,23 @@ def training_loader(dataset: Dataset, seed: int, batch_size: int, num_workers: i
                       drop_last=True, worker_init_fn=worker_init(release_at_exit()), generator=torch.Generator().manual_seed(seed))
 
 
-def build_optimizer(params: list[nn.Parameter], optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
-    """The ``optim`` section's optimizer (its name already checked against ``config.CHOICES``)."""
+def parameter_groups(model: nn.Module, params: list[nn.Parameter], decoder_lr_mult: float, lr: float) -> list[Any]:
+    """``params`` as the optimizer takes them: one group at ``lr``; with ``decoder_lr_mult != 1``,
+    the encoder's at ``lr`` and the decoder and head's at ``lr * decoder_lr_mult`` (mmsegmentation's
+    ``paramwise_cfg`` head ``lr_mult``; UniMatch V2's ``lr_multi`` 40), in that order, empty groups left out."""
+    if decoder_lr_mult <= 0:
+        raise ValueError(f"optim.decoder_lr_mult must be > 0; got {decoder_lr_mult}")
+    if decoder_lr_mult == 1:
+        return params
+    encoder = {id(p) for p in model.encoder.parameters()}
+    groups = [{"params": [p for p in params if id(p) in encoder], "lr": lr},
+              {"params": [p for p in params if id(p) not in encoder], "lr": lr * decoder_lr_mult}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(params: list[Any], optim: dict[str, Any], lr: float) -> torch.optim.Optimizer:
+    """The ``optim`` section's optimizer (its name already checked against ``config.CHOICES``) on
+    parameters or :func:`parameter_groups`."""
     name = optim["name"]
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
@@ -186,7 +201,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # on every rank, so that none goes on alone
         check_free_space(run_dir, model, self.params, best=bool(config["data"].get("select_fraction")))
-        self.optimizer = build_optimizer(self.params, optim, lr)
+        self.optimizer = build_optimizer(parameter_groups(model, self.params, optim["decoder_lr_mult"], lr), optim, lr)
         # fp16's narrow range lets small gradients underflow to zero: scale the loss up, and skip
         # the steps whose scaled gradients overflow (bf16 has fp32's range and needs none of this)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")

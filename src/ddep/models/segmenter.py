@@ -69,6 +69,36 @@ def _with_dropped_channels(features: Any) -> Any:
     return torch.cat([features, features])
 
 
+def complementary_masks(batch: int, channels: int, device: torch.device, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """UniMatch V2's channel masks (``model/semseg/dpt.py``, ``comp_drop``) for a batch whose two
+    halves are two views of the same images: sample i of the first half keeps a random half of the
+    channels (times 2) and its pair, sample i of the second, the other half; the pairs ``kept``
+    (default: a random half of them) keep every channel. ``batch`` x ``channels``."""
+    if batch % 2:
+        raise ValueError(f"complementary dropout takes a batch of two views of the same images; got {batch} samples")
+    half = batch // 2
+    first = torch.bernoulli(torch.full((half, channels), 0.5, device=device)) * 2
+    first[(torch.randperm(half)[: half // 2] if kept is None else kept).to(device)] = 1.0
+    return torch.cat([first, 2.0 - first])
+
+
+def _with_complementary_channels(features: Any, drawn: dict[Any, torch.Tensor] | None = None) -> Any:
+    """Each feature map under :func:`complementary_masks`: the kept pairs drawn once, the channels
+    once per channel count (shared by a ViT's levels, as in UniMatch V2); other tensors (a ViT's
+    prefix tokens) as they are."""
+    drawn = {} if drawn is None else drawn
+    if isinstance(features, (list, tuple)):
+        return type(features)(_with_complementary_channels(f, drawn) for f in features)
+    if features.dim() != 4:
+        return features
+    batch, channels = features.shape[:2]
+    if "kept" not in drawn:
+        drawn["kept"] = torch.randperm(batch // 2)[: batch // 4]
+    if channels not in drawn:
+        drawn[channels] = complementary_masks(batch, channels, features.device, drawn["kept"])
+    return features * drawn[channels].to(features.dtype)[:, :, None, None]
+
+
 class SegmentationModel(nn.Module):
     """``encoder -> decoder -> segmentation_head``, returning logits at the input's resolution.
 
@@ -112,15 +142,22 @@ class SegmentationModel(nn.Module):
         for name in names or ():
             self.get_parameter(name).requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, perturb: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, perturb: bool = False, complementary: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits at the input's resolution. ``perturb``: also the logits of the same encoder
         features with half their channels dropped (``Dropout2d(0.5)``, whatever the mode), decoded
         in one pass with the clean ones: UniMatch's feature perturbation (``model/semseg/
-        deeplabv3plus.py``, ``need_fp``), on every feature map the decoder takes."""
+        deeplabv3plus.py``, ``need_fp``), on every feature map the decoder takes.
+        ``complementary``: the batch's two halves decoded from complementary channels
+        (:func:`complementary_masks`, UniMatch V2's dropout of its two strong views)."""
+        if perturb and complementary:
+            raise ValueError("perturb and complementary are two different perturbations: choose one")
         self.check_input(x)
         features = self.encoder(x)
         if perturb:
             features = _with_dropped_channels(features)
+        elif complementary:
+            features = _with_complementary_channels(features)
         logits = self.segmentation_head(self.decode(features))
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

@@ -158,6 +158,10 @@ def build_smp(
     check_encoder_name(encoder)
     kwargs = smp_kwargs(cls, decoder_width, options)
     model = _construct(cls, encoder, None, classes, kwargs)  # checks the arguments before any download
+    if cls is smp.DPT and any(stride & (stride - 1) for stride in model.encoder.output_strides):
+        raise ValueError(f"smp:DPT on {encoder}: smp {smp.__version__}'s DPT decoder cannot fuse the features of a ViT whose patch "
+                         f"size is not a power of two ({model.encoder.output_strides[0]}; smp issue #1328): choose a patch-16 "
+                         "ViT, e.g. tu-vit_base_patch16_dinov3")
     kind = weights_kind(encoder_weights)
     if kind == "tag":
         if encoder.startswith(TIMM_PREFIX):  # smp lets timm download; the tag goes into the name
