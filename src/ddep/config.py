@@ -341,6 +341,9 @@ def load_config(
     for text in overrides:
         merge(config, parse_override(text), defaults)
     check_class_count(command, config)
+    optim = config.get("optim")
+    if isinstance(optim, dict) and not optim["decoder_lr_mult"] > 0:  # NaN too
+        raise ConfigError(f"optim.decoder_lr_mult must be > 0; got {optim['decoder_lr_mult']}")
     if "name" in config and config["name"] is None:
         config["name"] = command
     return config

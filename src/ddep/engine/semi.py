@@ -112,6 +112,9 @@ def check_semi(config: dict[str, Any]) -> None:
         raise ValueError(f"semi.threshold is a confidence in [0, 1]; got {semi['threshold']}")
     if not 0 <= semi["ema_momentum"] < 1:
         raise ValueError(f"semi.ema_momentum must be in [0, 1); got {semi['ema_momentum']}")
+    if semi["method"] == "unimatch_v2" and semi["teacher"] != "ema":
+        log.warning("semi.method=unimatch_v2 without semi.teacher=ema: UniMatch V2 takes its pseudo-labels from an EMA "
+                    "teacher; this is its ablation without one")
     batch = semi["batch_size"] or config["data"]["batch_size"]
     if batch < 2:
         raise ValueError(f"semi.batch_size must be at least 2 (CutMix pairs each unlabeled image with another of its batch); "

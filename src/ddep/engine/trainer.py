@@ -100,8 +100,6 @@ def parameter_groups(model: nn.Module, params: list[nn.Parameter], decoder_lr_mu
     """``params`` as the optimizer takes them: one group at ``lr``; with ``decoder_lr_mult != 1``,
     the encoder's at ``lr`` and the decoder and head's at ``lr * decoder_lr_mult`` (mmsegmentation's
     ``paramwise_cfg`` head ``lr_mult``; UniMatch V2's ``lr_multi`` 40), in that order, empty groups left out."""
-    if decoder_lr_mult <= 0:
-        raise ValueError(f"optim.decoder_lr_mult must be > 0; got {decoder_lr_mult}")
     if decoder_lr_mult == 1:
         return params
     encoder = {id(p) for p in model.encoder.parameters()}
