@@ -275,10 +275,10 @@ def run_study(study: Study, out: str | Path) -> dict[str, Any]:
 def logged_values(path: Path) -> dict[str, float]:
     """A run's :data:`LOGGED` values at its last logged step (in percent), and the median of its
     ``images_per_s`` (labeled images per second: the cost of a step)."""
-    last: dict[str, float] = {}
-    rates: list[float] = []
     if not path.is_file():  # log_every=0 (which does not change a run's hash) writes none
         return {}
+    last: dict[str, float] = {}
+    rates: list[float] = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if row["key"] in LOGGED:

@@ -69,6 +69,11 @@ def _with_dropped_channels(features: Any) -> Any:
     return torch.cat([features, features])
 
 
+def _kept_pairs(pairs: int) -> torch.Tensor:
+    """The pairs of views complementary dropout leaves whole: a random half of them (UniMatch V2)."""
+    return torch.randperm(pairs)[: pairs // 2]
+
+
 def complementary_masks(batch: int, channels: int, device: torch.device, kept: torch.Tensor | None = None) -> torch.Tensor:
     """UniMatch V2's channel masks (``model/semseg/dpt.py``, ``comp_drop``) for a batch whose two
     halves are two views of the same images: sample i of the first half keeps a random half of the
@@ -78,7 +83,7 @@ def complementary_masks(batch: int, channels: int, device: torch.device, kept: t
         raise ValueError(f"complementary dropout takes a batch of two views of the same images; got {batch} samples")
     half = batch // 2
     first = torch.bernoulli(torch.full((half, channels), 0.5, device=device)) * 2
-    first[(torch.randperm(half)[: half // 2] if kept is None else kept).to(device)] = 1.0
+    first[(_kept_pairs(half) if kept is None else kept).to(device)] = 1.0
     return torch.cat([first, 2.0 - first])
 
 
@@ -93,7 +98,7 @@ def _with_complementary_channels(features: Any, drawn: dict[Any, torch.Tensor] |
         return features
     batch, channels = features.shape[:2]
     if "kept" not in drawn:
-        drawn["kept"] = torch.randperm(batch // 2)[: batch // 4]
+        drawn["kept"] = _kept_pairs(batch // 2)
     if channels not in drawn:
         drawn[channels] = complementary_masks(batch, channels, features.device, drawn["kept"])
     return features * drawn[channels].to(features.dtype)[:, :, None, None]
