@@ -36,7 +36,7 @@ def cityscapes(root: Path, split: str = "train", cities=None, label_ids: bool = 
     for c, (city, count) in enumerate(cities.items()):
         for i in range(count):
             stem = f"{city}_{i:06d}_000019"
-            save(rgb(10 * c + i), root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
+            save(rgb(10 * c + i + 1000 * (split != "train")), root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png")
             kind, values = ("labelIds", [7, 26, 0, 33, 4]) if label_ids else ("labelTrainIds", [0, 13, 255, 18])
             save(mask(values), root / "gtFine" / split / city / f"{stem}_gtFine_{kind}.png")
     return root
@@ -46,7 +46,7 @@ def ade20k(root: Path, count: int = 3, values=(0, 1, 150)) -> Path:
     base = root / "ADEChallengeData2016"
     for split in ("training", "validation"):
         for i in range(count):
-            save(rgb(i), base / "images" / split / f"ADE_{split[:5]}_{i:08d}.jpg")
+            save(rgb(i + 1000 * (split == "validation")), base / "images" / split / f"ADE_{split[:5]}_{i:08d}.jpg")
             save(mask(values), base / "annotations" / split / f"ADE_{split[:5]}_{i:08d}.png")
     return root
 

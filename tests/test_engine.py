@@ -1,6 +1,7 @@
 """The three stages through the command line, on tiny models and data."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,10 @@ from fake_data import FINETUNE, PRETRAIN, TINY, interrupt_after
 from ddep.cli import main
 from ddep.engine import trainer as trainer_module
 from ddep.engine.evaluate import evaluate_model
+from ddep.engine.summary import prediction_rows
+from ddep.engine.distributed import DistInfo, resolve_device
 from ddep.engine.run import configure_kernels
+from ddep.engine.trainer import resolve_amp
 from ddep.engine.checkpoint import load_checkpoint
 from ddep.models.saving import load_model
 from conftest import onnx_matches_pytorch
@@ -21,6 +25,26 @@ from conftest import onnx_matches_pytorch
 
 def run(*args):
     assert main(list(args)) == 0
+
+
+def test_a_pretraining_result_is_not_scored_nor_drawn_as_classes(data, capsys):
+    """It predicts noise in 3 channels: on a folder of 3 classes or fewer, evaluate would take them
+    as classes and report a meaningless mIoU, and predict would draw meaningless masks."""
+    run("pretrain", "data.root=data/images", *PRETRAIN, "steps=1", "name=pre")
+    for command, path in (("evaluate", "runs/pre/model"), ("evaluate", "runs/pre/checkpoints/last.pt"),
+                          ("predict", "runs/pre/model/model.safetensors")):
+        extra = ["data.root=data"] if command == "evaluate" else ["input=data/images/val", "output=preds"]
+        assert main([command, f"checkpoint={path}", *extra, "device=cpu"]) == 1
+        verb = "evaluate" if command == "evaluate" else "predict with"
+        assert (f"{path} is a denoising-pretraining result: it predicts noise, not classes. Fine-tune it first "
+                f"(ddep finetune init={path} ...), then {verb} the fine-tuned model") in capsys.readouterr().err
+    assert not Path("preds").exists() and not Path("runs/evaluate").exists()
+    run("finetune", "init=runs/pre/model", "data.root=data", *FINETUNE, "steps=1", "name=fine")
+    run("evaluate", "checkpoint=runs/fine/model", "data.root=data", "name=scored")  # the fine-tuned model is scored
+    # a folder of one's own beside a pretraining config.yaml is not a pretraining run's model/
+    shutil.copytree("runs/fine/model", "mine")
+    shutil.copy("runs/pre/config.yaml", "config.yaml")
+    run("evaluate", "checkpoint=mine", "data.root=data", "name=mine")
 
 
 def test_pretrain_finetune_evaluate_chain(data):
@@ -179,11 +203,57 @@ def test_the_final_checkpoint_is_written_once_after_the_final_evaluation(data, m
 ])
 def test_cudnn_times_its_algorithms_only_when_training_on_a_gpu_without_determinism(monkeypatch, device, training, deterministic, benchmark):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)
-    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode: calls.append(mode))
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only: calls.append((mode, warn_only)))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so that what the call sets is undone after the test
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     calls = []
     configure_kernels(torch.device(device), training, deterministic)
     assert torch.backends.cudnn.benchmark is benchmark
-    assert calls == [deterministic]  # and a later run without determinism switches it off again
+    # a later run without determinism switches it off again; on a GPU, kernels with no
+    # deterministic version (bilinear upsampling's backward) warn rather than stop the run
+    assert calls == [(deterministic, deterministic and device == "cuda")]
+    # deterministic cuBLAS needs its fixed workspace, set before the first matmul
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic and device == "cuda" else None)
+
+
+@pytest.mark.parametrize("amp, device, capability, resolved", [
+    ("auto", "cpu", None, "off"),
+    ("auto", "cuda", (9, 0), "bf16"),  # H100
+    ("auto", "cuda", (8, 0), "bf16"),  # A100
+    ("auto", "cuda", (7, 0), "fp16"),  # V100: no bf16 arithmetic, fp16 with loss scaling
+    ("bf16", "cuda", (7, 5), "bf16"),  # as asked
+    ("off", "cuda", (9, 0), "off"),
+])
+def test_amp_auto_is_bf16_on_gpus_that_compute_in_it_and_fp16_on_older_ones(monkeypatch, amp, device, capability, resolved):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_amp(amp, torch.device(device)) == resolved
+
+
+def test_a_gpu_index_under_torchrun_is_refused_rather_than_shared_by_every_process():
+    with pytest.raises(ValueError, match=r"device=cuda:1 under torchrun with 2 processes would put every process on one GPU: "
+                                         r"set device=cuda"):
+        resolve_device("cuda:1", DistInfo(rank=0, world_size=2, local_rank=0))
+
+
+def test_a_cublas_workspace_set_after_cuda_started_is_warned_about(monkeypatch, caplog):
+    """From Python, after other GPU work, cuBLAS may keep the workspace it has: deterministic=true
+    could not hold, and says so."""
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only: None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    configure_kernels(torch.device("cuda"), True, True)
+    assert "CUBLAS_WORKSPACE_CONFIG is set after CUDA started in this process" in caplog.text
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_deterministic_on_a_gpu_keeps_a_cublas_workspace_the_user_chose(monkeypatch):
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only: None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    configure_kernels(torch.device("cuda"), True, True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
@@ -197,12 +267,14 @@ def test_grad_checkpointing_from_the_config_gives_the_same_weights_and_statistic
         torch.testing.assert_close(checkpointed[key], plain[key], msg=key)
 
 
-def test_evaluation_lets_cudnn_keep_its_heuristics_restores_the_setting_and_draws_nothing(monkeypatch):
+def test_evaluation_and_the_report_images_let_cudnn_keep_its_heuristics_restore_the_settings_and_draw_nothing(monkeypatch, tmp_path):
     seen = []
 
     class Probe(torch.nn.Module):
+        config = {"mean": [0.0] * 3, "std": [1.0] * 3, "classes": 2}
+
         def forward(self, x):
-            seen.append(torch.backends.cudnn.benchmark)
+            seen.append((torch.backends.cudnn.benchmark, self.training))
             return torch.zeros(x.shape[0], 2, *x.shape[-2:])
 
     class OneImage(torch.utils.data.Dataset):
@@ -216,8 +288,10 @@ def test_evaluation_lets_cudnn_keep_its_heuristics_restores_the_setting_and_draw
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     state = torch.get_rng_state()
-    evaluate_model(Probe(), OneImage(), {"mode": "whole"}, torch.device("cpu"))
-    assert seen == [False] and torch.backends.cudnn.benchmark is True
+    probe = Probe()
+    evaluate_model(probe, OneImage(), {"mode": "whole"}, torch.device("cpu"))
+    prediction_rows(probe, OneImage(), {"mode": "whole"}, torch.device("cpu"), tmp_path / "predictions.png")
+    assert seen == [(False, False), (False, False)] and torch.backends.cudnn.benchmark is True and probe.training
     assert torch.equal(torch.get_rng_state(), state)  # nothing drawn from the stream training's dropout draws from
 
 

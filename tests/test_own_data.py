@@ -43,6 +43,25 @@ def test_a_flat_folder_is_refused_as_its_own_val_split(flat, capsys):
     assert not Path("runs").exists()
 
 
+def test_a_val_image_copied_from_the_training_images_under_another_name_is_refused(tmp_path, monkeypatch, capsys):
+    """The same photo in both folders, renamed (a common way to make a val folder by hand): its
+    score would be a trained image's."""
+    monkeypatch.chdir(tmp_path)
+    for split, offset in (("train", 0), ("val", 10)):
+        for i in range(3):
+            fake_data.save(fake_data.rgb(i + offset), tmp_path / "tree" / "images" / split / f"{split}{i}.jpg")
+            fake_data.save(fake_data.mask([0, 1]), tmp_path / "tree" / "masks" / split / f"{split}{i}.png")
+    copy = tmp_path / "tree" / "images" / "val" / "val1.jpg"
+    copy.write_bytes((tmp_path / "tree" / "images" / "train" / "train2.jpg").read_bytes())
+    assert main(["finetune", "data.root=tree", *RUN]) == 1
+    assert last_error(capsys) == (
+        "ddep finetune: error: the reported split (data.val_split='val', 3 images) shares 1 images with the training split "
+        "(copies under other names among them, e.g. tree/images/val/val1.jpg is tree/images/train/train2.jpg): report on images "
+        "never trained on: remove the copies from one of the two (data.allow_trained_images=true reports on them anyway: a "
+        "number never to publish)")
+    assert not Path("runs").exists()
+
+
 def test_split_folders_without_the_val_folder_are_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for i in range(4):  # images/train and masks/train, no val folders

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from fake_data import FINETUNE, PRETRAIN, interrupt_after
@@ -161,6 +162,27 @@ def test_resume_auto_continues_a_run_that_an_older_ddep_made(data, monkeypatch):
     Path("runs/old/config.yaml").write_text(yaml.safe_dump(saved))
     assert main(["finetune", *args, "--resume", "auto"]) == 0
     assert load_checkpoint("runs/old/checkpoints/last.pt")["step"] == 6
+
+
+def test_a_run_resumed_on_another_kind_of_device_warns_reseeds_and_finishes(data, monkeypatch, caplog):
+    """A GPU generator's state (16 bytes: seed and offset) cannot set a CPU generator, nor a CPU's
+    a GPU's (a ``device: auto`` run moved between machines): the resumed run says so and goes on."""
+    args = [*ARGS["pretrain"], "checkpoint_every=2", "name=moved"]
+    interrupt_after(monkeypatch, "pretrain", args, step=2)
+    path = Path("runs/moved/checkpoints/last.pt")
+    state = load_checkpoint(path)
+    for rng in state["rng"].get("ranks", [state["rng"]]):
+        rng["generator"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator saves it
+    torch.save(state, path)
+    seen = []
+    original = trainer_module.load_resumable
+    monkeypatch.setattr(trainer_module, "load_resumable", lambda p, map_location: seen.append(map_location) or original(p, map_location))
+    assert main(["pretrain", *args, "--resume", "auto"]) == 0
+    assert "runs/moved/checkpoints/last.pt: saved on another kind of device than this run's cpu" in caplog.text
+    assert logged_steps("moved") == 6
+    # read onto the CPU whatever the device: Adam keeps its step counters where they were loaded,
+    # and on a GPU they would cost a sync per parameter tensor and step
+    assert seen == ["cpu"]
 
 
 def test_checkpoint_minutes_saves_by_the_clock(data, monkeypatch):

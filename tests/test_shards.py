@@ -10,6 +10,7 @@ import sys
 import tarfile
 import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -282,6 +283,24 @@ def test_a_shard_damaged_during_a_run_is_warned_about_and_its_images_replaced(ev
         epoch = [next(stream)["name"] for _ in range(24)]
     assert f"{damaged}: 1 images, but index.json says 3; its missing images are replaced" in caplog.text
     assert len(set(epoch)) == 22  # the two lost images' places taken by others of their group
+
+
+def test_on_a_gpu_the_stream_is_drained_before_the_decoder_writes(monkeypatch):
+    """nvJPEG's hardware decoder does not wait for the kernels queued on the stream it is given
+    (pytorch/vision#9606): it could overwrite memory they still read. Every decode on a GPU,
+    batched or one by one, comes after the stream's work; on the CPU there is nothing to wait for."""
+    import torchvision.io
+
+    from ddep.data import shards as shards_module
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(synchronize=lambda: events.append("sync")))
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, mode, device: events.append(f"decode on {device.type}") or data)
+    image = torch.zeros(3, dtype=torch.uint8)
+    shards_module.decode_jpegs([image, image], torch.device("cuda"))
+    shards_module.decode_jpegs(image, torch.device("cuda", 0))
+    shards_module.decode_jpegs(image, torch.device("cpu"))
+    assert events == ["sync", "decode on cuda", "sync", "decode on cuda", "decode on cpu"]
 
 
 def test_decoding_on_the_device_gives_the_workers_images(even_shards):

@@ -342,5 +342,7 @@ def test_dpt_on_a_patch_14_vit_is_refused_by_name_while_smps_decoder_cannot_fuse
                                          r"of a ViT whose patch size is not a power of two \(14; smp issue #1328\)"):
         ddep.build_model("smp:DPT", "tu-vit_small_patch14_dinov2", classes=3, encoder_weights=None, **DPT_TINY)
     model = smp.DPT("tu-vit_small_patch14_dinov2", encoder_weights=None, classes=3, dynamic_img_size=True, **DPT_TINY)
+    with pytest.raises(ValueError, match=r"smp:DPT on tu-vit_small_patch14_dinov2: smp .*'s DPT decoder cannot fuse"):
+        ddep.from_smp(model)  # a user's own DPT: refused as it is wrapped, not at the first step
     with pytest.raises(RuntimeError, match="must match the size of tensor"), torch.no_grad():
         model.eval()(torch.randn(1, 3, 224, 224))

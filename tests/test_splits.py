@@ -72,3 +72,24 @@ def test_labeled_subset_matches_the_written_split(tmp_path):
     assert subset.pairs == pairs and len(subset) == 3 and len(full) == 7
     assert subset[0]["name"] == pairs[0][0]
     assert labeled_subset(full, "1/2", seed=2).pairs[:3] == pairs  # nested
+
+
+@pytest.mark.parametrize("make", [["--fractions", "1/2"], ["--val", "0.5"]])
+def test_split_files_written_for_another_root_are_never_replaced(tmp_path, capsys, make):
+    """Both roots map to splits/cityscapes/...: the second root's files would replace the first's,
+    changing the images of every run whose split_file names them."""
+    fake_data.cityscapes(tmp_path / "a", cities={"aachen": 4})
+    fake_data.cityscapes(tmp_path / "b", cities={"bremen": 4})
+    args = lambda root: ["splits", "--dataset", "cityscapes", "--root", str(tmp_path / root), *make, "--seeds", "0,1",
+                         "--out", str(tmp_path / "splits")]
+    assert main(args("a")) == 0
+    written = {p: p.read_text() for p in (tmp_path / "splits").rglob("*.txt")}
+    assert len(written) == 4  # two seeds
+    assert main(args("a")) == 0  # the same files again: rewritten as they are
+    assert main(args("b")) == 1
+    err = capsys.readouterr().err
+    first = sorted(written)[0]
+    assert f"{first} (and 3 more) already lists other images (written for another root, split or options?): " \
+           "pass --out another folder, or delete it to write these" in err
+    # nothing replaced, nothing added: no seed's files are written while another seed's are refused
+    assert {p: p.read_text() for p in (tmp_path / "splits").rglob("*.txt")} == written

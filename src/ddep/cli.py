@@ -34,15 +34,14 @@ def cmd_splits(args: argparse.Namespace) -> int:
     val split out of them."""
     from .config import parse_key_value
     from .data import build_dataset
-    from .data.splits import split_hash, write_splits, write_val_split
+    from .data.splits import split_hash, write_splits, write_val_splits
 
     if bool(args.fractions) == bool(args.val):
         raise ValueError("ddep splits needs --fractions (label fractions) or --val (a held-out val split), one of them")
     options = dict(parse_key_value(item, "-o option") for item in args.option)
     dataset = build_dataset(args.dataset, args.root, split=args.split, **options)
     if args.val:
-        for seed in args.seeds:
-            train, val = write_val_split(args.dataset, dataset.pairs, args.val, seed, args.out)
+        for train, val in write_val_splits(args.dataset, dataset.pairs, args.val, args.seeds, args.out):
             print(f"{val}  {len(val.read_text().splitlines())} of {len(dataset)} images held out; fine-tune with "
                   f"data.options.split_file={train} data.val_split_file={val}")
         return 0

@@ -23,7 +23,8 @@ mmsegmentation's data preprocessor. The padded part of the output is cropped awa
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -379,3 +380,17 @@ def predict(
     records what was done.
     """
     return predict_tta(model, image, scales, flip, mode, crop_size, stride, size_divisor, test_scale)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode with cuDNN's kernel timing off (evaluation images and scales vary:
+    timing kernels for every shape would cost more than it saves), both as they were after."""
+    was_training, timing_kernels = model.training, torch.backends.cudnn.benchmark
+    model.eval()
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        torch.backends.cudnn.benchmark = timing_kernels

@@ -292,12 +292,10 @@ class ShardImages(IterableDataset):
     def decode_batch(self, batch: dict, device: torch.device) -> dict:
         """``decode="gpu"``: a batch's JPEG bytes decoded on ``device`` (nvJPEG on a GPU, libjpeg-turbo
         on a CPU) and augmented there with each sample's seed, as a worker would have on the CPU."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in batch["jpeg"]]
         names = list(batch["name"])
         try:
-            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            images = decode_jpegs(encoded, device)
         except RuntimeError:  # damaged beyond what the workers check: one by one
             images, names = self._decode_each(encoded, names, device)
         out = []
@@ -308,12 +306,10 @@ class ShardImages(IterableDataset):
 
     def _decode_each(self, encoded: list[torch.Tensor], names: list[str], device: torch.device) -> tuple[list, list[str]]:
         """Each image decoded alone; one that fails takes the next decodable image of the batch (and its name)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         images: list[torch.Tensor | None] = []
         for data, name in zip(encoded, names):
             try:
-                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                images.append(decode_jpegs(data, device))
             except RuntimeError as e:
                 log.warning("skipping an image the device cannot decode: %s (%s)", name, str(e).splitlines()[0])
                 images.append(None)
@@ -322,6 +318,19 @@ class ShardImages(IterableDataset):
             raise DataError(f"{self.root}: no image of a batch of {len(names)} could be decoded ({names[0]}, ...)")
         take = [i if images[i] is not None else next((j for j in good if j > i), good[0]) for i in range(len(images))]
         return [images[j] for j in take], [names[j] for j in take]
+
+
+def decode_jpegs(encoded: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """torchvision's ``decode_jpeg`` (RGB) on ``device``. On a GPU the current stream is drained
+    first: nvJPEG's hardware decoder writes its outputs without waiting for the kernels queued on
+    that stream, so it can be handed memory they still read, freed by the step before, and
+    overwrite it (pytorch/vision#9606, reported there on an H100). The trainer waits on the GPU at
+    every micro-batch anyway (the loss's value); this puts the wait before the decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 def check_jpeg(name: str, data: bytes) -> None:

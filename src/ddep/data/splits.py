@@ -81,17 +81,31 @@ def write_splits(
     """Write ``<out>/<dataset>/<amount>/seed<k>/labeled.txt`` (and ``unlabeled.txt``, the rest);
     return each labeled file with its pairs."""
     parsed = [(amount_name(a), parse_amount(a)) for a in amounts]
-    written = []
+    files, written = {}, []
     for seed in seeds:
         for name, amount in parsed:
             chosen = select_indices(len(pairs), amount, seed)
             chosen_set = set(chosen)
             labeled = [pairs[i] for i in chosen]
             folder = Path(out) / dataset / name / f"seed{seed}"
-            write_text_atomic(folder / "labeled.txt", split_lines(labeled))
-            write_text_atomic(folder / "unlabeled.txt", split_lines([p for i, p in enumerate(pairs) if i not in chosen_set]))
+            files[folder / "labeled.txt"] = split_lines(labeled)
+            files[folder / "unlabeled.txt"] = split_lines([p for i, p in enumerate(pairs) if i not in chosen_set])
             written.append((folder / "labeled.txt", labeled))
+    write_split_files(files)
     return written
+
+
+def write_split_files(files: dict[Path, str]) -> None:
+    """Write split files; one already there that lists other images (written for another root,
+    split or dataset options) is refused before any is written: a run's ``split_file`` may name
+    it, and its images would change under it. The same files again are rewritten as they are."""
+    other = [path for path, text in files.items() if path.is_file() and path.read_text() != text]
+    if other:
+        more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+        raise DataError(f"{other[0]}{more} already lists other images (written for another root, split or options?): "
+                        "pass --out another folder, or delete it to write these")
+    for path, text in files.items():
+        write_text_atomic(path, text)
 
 
 def _images(dataset) -> list[str]:
@@ -106,12 +120,13 @@ def image_keys(dataset) -> set[str]:
     return {str((Path(root) / image).resolve()) if root is not None else image for image in _images(dataset)}
 
 
-def copied_images(dataset, other) -> int:
-    """How many of ``dataset``'s image files have a byte-identical file among ``other``'s (the same
-    file, or a copy under another name): sizes compared first, then the SHA-1 of equal sizes."""
+def copied_images(dataset, other) -> list[tuple[Path, Path]]:
+    """``dataset``'s image files that have a byte-identical file among ``other``'s (the same file,
+    or a copy under another name), each with the first such file: sizes compared first, then the
+    SHA-1 of equal sizes."""
     root, other_root = getattr(dataset, "root", None), getattr(other, "root", None)
     if root is None or other_root is None:
-        return 0
+        return []
     by_size: dict[int, list[Path]] = {}
     for image in _images(other):
         path = Path(other_root) / image
@@ -123,11 +138,12 @@ def copied_images(dataset, other) -> int:
             digests[path] = hashlib.sha1(path.read_bytes()).hexdigest()
         return digests[path]
 
-    copied = 0
+    copied = []
     for image in _images(dataset):
         path = Path(root) / image
-        candidates = by_size.get(path.stat().st_size, [])
-        copied += bool(candidates) and digest(path) in {digest(candidate) for candidate in candidates}
+        same = [candidate for candidate in by_size.get(path.stat().st_size, []) if digest(candidate) == digest(path)]
+        if same:
+            copied.append((path, same[0]))
     return copied
 
 
@@ -159,21 +175,27 @@ def read_train_record(model_path: str | os.PathLike) -> tuple[Path, set[str]] | 
     return None
 
 
-def write_val_split(
-    dataset: str, pairs: Sequence[tuple[str, str]], amount: str, seed: int, out: str | os.PathLike
-) -> tuple[Path, Path]:
-    """Hold ``amount`` of the pairs out as a reported split: ``<out>/<dataset>/val<amount>/seed<k>/``
+def write_val_splits(
+    dataset: str, pairs: Sequence[tuple[str, str]], amount: str, seeds: Sequence[int], out: str | os.PathLike
+) -> list[tuple[Path, Path]]:
+    """Hold ``amount`` of the pairs out as a reported split, once per seed: ``<out>/<dataset>/val<amount>/seed<k>/``
     ``train.txt`` and ``val.txt``, disjoint (for a folder of images without a val folder). Label
     fractions are then drawn from ``train.txt`` (``data.labeled``, or ``ddep splits --fractions``
     with ``-o split_file=.../train.txt``); fine-tuning refuses a val split that shares images with
-    the training split."""
-    held = set(np.random.default_rng([seed, 2]).permutation(len(pairs))[: num_selected(parse_amount(amount, "--val"), len(pairs))].tolist())
-    if len(held) >= len(pairs):
+    the training split. Returns each seed's (train, val) files."""
+    count = num_selected(parse_amount(amount, "--val"), len(pairs))
+    if count >= len(pairs):
         raise DataError(f"--val {amount} of {len(pairs)} images leaves none to train on")
-    folder = Path(out) / dataset / f"val{amount_name(amount)}" / f"seed{seed}"
-    train = write_text_atomic(folder / "train.txt", split_lines([p for i, p in enumerate(pairs) if i not in held]))
-    val = write_text_atomic(folder / "val.txt", split_lines([p for i, p in enumerate(pairs) if i in held]))
-    return train, val
+    files, written = {}, []
+    for seed in seeds:
+        held = set(np.random.default_rng([seed, 2]).permutation(len(pairs))[:count].tolist())
+        folder = Path(out) / dataset / f"val{amount_name(amount)}" / f"seed{seed}"
+        train, val = folder / "train.txt", folder / "val.txt"
+        files[train] = split_lines([p for i, p in enumerate(pairs) if i not in held])
+        files[val] = split_lines([p for i, p in enumerate(pairs) if i in held])
+        written.append((train, val))
+    write_split_files(files)
+    return written
 
 
 class LabeledSubset(Dataset):

@@ -57,6 +57,12 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 
 def resolve_device(device: str, info: DistInfo) -> torch.device:
+    """The run's device; under torchrun, ``cuda`` (or ``auto``) is the GPU of the process's
+    ``LOCAL_RANK``."""
+    if info.enabled and device.startswith("cuda:"):
+        raise ValueError(f"device={device} under torchrun with {info.world_size} processes would put every process on one GPU: "
+                         "set device=cuda (each process takes the GPU of its LOCAL_RANK), and choose the GPUs with "
+                         "CUDA_VISIBLE_DEVICES")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

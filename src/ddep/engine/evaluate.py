@@ -18,9 +18,9 @@ from ..data.io import DataError
 from ..data.labeled import check_label_encoding
 from ..data.splits import read_train_record, shared_images, split_hash
 from ..data.transforms import eval_transforms
-from ..inference import describe_mode, eval_for_model, predict
+from ..inference import describe_mode, eval_for_model, evaluating, predict
 from ..metrics import SegMetric
-from ..models.saving import load_model, model_file
+from ..models.saving import load_model, model_file, refuse_pretraining_result
 from .distributed import DistInfo, shutdown
 from .run import start_run
 
@@ -31,20 +31,14 @@ log = logging.getLogger(__name__)
 def evaluate_model(model: nn.Module, dataset, eval_config: dict[str, Any], device: torch.device, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset``; each rank takes every world-th image (no padding, so
     no image counts twice) and the confusion matrices are summed across ranks."""
-    was_training, timing_kernels = model.training, torch.backends.cudnn.benchmark
-    model.eval()
-    torch.backends.cudnn.benchmark = False  # images (and scales) vary: timing kernels per shape would cost more than it saves
     metric = SegMetric(dataset.num_classes)
     shard = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
-    try:
+    with evaluating(model):
         # a generator of its own: an evaluation between training steps leaves the stream dropout draws from alone
         for item in DataLoader(shard, batch_size=1, num_workers=0, generator=torch.Generator()):
             image = item["image"].to(device)
             probabilities = predict(model, image, **eval_config)
             metric.update(probabilities.argmax(1).cpu(), item["mask"])
-    finally:
-        model.train(was_training)
-        torch.backends.cudnn.benchmark = timing_kernels
     metric.all_reduce()
     return metric.compute()
 
@@ -91,6 +85,7 @@ def evaluate(config: dict[str, Any]) -> Path:
     """``ddep evaluate``: a checkpoint or exported model on a labeled split."""
     if not config["checkpoint"]:
         raise ValueError("evaluate needs checkpoint=PATH (a .pt checkpoint or an exported model folder)")
+    refuse_pretraining_result(config["checkpoint"], "evaluate")
     model = load_model(config["checkpoint"])  # the model and the data are checked before a run folder exists
     data = config["data"]
     classes_from = "dataset"

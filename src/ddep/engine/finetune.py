@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..config import DEFAULTS, PAPER_FINETUNE_LR
 from ..data import build_dataset
 from ..data.io import DataError, open_image
 from ..data.labeled import check_label_encoding, check_pairs
-from ..data.splits import LabeledSubset, hold_out, labeled_indices, shared_images, split_hash, write_train_record
-from ..data.transforms import IGNORE_INDEX, eval_transforms, train_transforms
+from ..data.splits import LabeledSubset, copied_images, hold_out, labeled_indices, shared_images, split_hash, write_train_record
+from ..data.transforms import eval_transforms, train_transforms
 from ..inference import eval_for_model
 from ..models import SegmentationModel, build_model
 from ..models.registry import config_options, describe_model
@@ -29,6 +28,7 @@ from ..models.saving import load_model, read_model_config, save_model
 from .checkpoint import checkpoint_path
 from .distributed import barrier, launched_rank, shutdown
 from .evaluate import evaluate_model, write_metrics
+from .losses import supervised_loss
 from .plan import run_plan
 from .run import start_run, with_model
 from .semi import SemiSupervised, check_semi, check_unlabeled_apart, semi_enabled, unlabeled_set
@@ -113,16 +113,21 @@ def _val_options(data: dict[str, Any]) -> dict[str, Any]:
 
 def check_reported_split(val: Dataset, train: Dataset, data: dict[str, Any]) -> None:
     """Refuse a reported split that shares images with the training split (a flat folder, whose
-    every split is the whole folder, say), unless ``data.allow_trained_images`` (warned)."""
-    shared = shared_images(val, train)
-    if not shared:
+    every split is the whole folder, say; or byte-identical copies under other names), unless
+    ``data.allow_trained_images`` (warned)."""
+    shared, copies = shared_images(val, train), copied_images(val, train)
+    if not shared and not copies:
         return
     described = f"data.val_split_file={data['val_split_file']}" if data["val_split_file"] else f"data.val_split={data['val_split']!r}"
-    overlap = f"the reported split ({described}, {len(val)} images) shares {shared} images with the training split"
+    overlap = f"the reported split ({described}, {len(val)} images) shares {max(shared, len(copies))} images with the training split"
+    if copies and len(copies) > shared:
+        overlap += f" (copies under other names among them, e.g. {copies[0][0]} is {copies[0][1]})"
     if data["allow_trained_images"]:
         log.warning("%s (data.allow_trained_images=true): its metrics are not a result to publish", overlap)
         return
-    if data["dataset"] == "folder":
+    if not shared:
+        flat, fix = "", "remove the copies from one of the two"
+    elif data["dataset"] == "folder":
         flat = " (one flat folder of images: every split is all of it)" if val.flat else ""
         options = "".join(f" -o {k}={v}" for k, v in data["options"].items() if k != "split_file" and isinstance(v, (int, str)))
         fix = (f"hold some out with `ddep splits --dataset folder --root {data['root']} --val 0.2{options}` and pass the "
@@ -191,7 +196,7 @@ def segmentation_loss(trainer: Trainer, batch: dict) -> torch.Tensor:
     """The forward half of one fine-tuning step: per-pixel cross-entropy, ignoring 255."""
     with trainer.autocast():
         logits = trainer.net(batch["image"])
-    return F.cross_entropy(logits.float(), batch["mask"], ignore_index=IGNORE_INDEX)
+    return supervised_loss(logits, batch["mask"])
 
 
 def finetune(config: dict[str, Any], resume: bool | str | None = None, model: SegmentationModel | None = None) -> Path:

@@ -45,7 +45,7 @@ from ..data.io import IMAGE_EXTENSIONS, DataError, open_image, read_image
 from ..data.transforms import eval_transforms
 from ..data.unlabeled import list_images
 from ..inference import eval_for_model, predict
-from ..models.saving import load_model
+from ..models.saving import load_model, refuse_pretraining_result
 from .distributed import DistInfo, resolve_device
 
 MASK_SUFFIX = ".png"
@@ -279,6 +279,7 @@ def predict_folder(config: dict[str, Any]) -> Path:
     for key in ("checkpoint", "input", "output"):
         if not config[key]:
             raise ValueError(f"predict needs {key}=PATH")
+    refuse_pretraining_result(config["checkpoint"], "predict with")
     source, output = Path(config["input"]), Path(config["output"])
     plan, renamed = plan_outputs(source, output)
     check_outputs(source, output, plan, bool(config.get("overwrite", False)))

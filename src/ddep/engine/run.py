@@ -1,6 +1,7 @@
 """A run folder (``<out_dir>/<name>/``) and the process set-up every command shares."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from ..models.segmenter import SegmentationModel
 from ..models.transunet import PATCH_STRIDE
 from .checkpoint import checkpoint_path, resumable_checkpoints
 from .distributed import DistInfo, init_distributed, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,6 +143,18 @@ def start_run(config: dict[str, Any], resume: bool | str | None = None, training
 def configure_kernels(device: torch.device, training: bool, deterministic: bool) -> None:
     """Deterministic kernels when asked; otherwise, when training on a GPU, let cuDNN time its
     convolution algorithms once per input shape and keep the fastest, as mmsegmentation does
-    (training crops have one shape; evaluation, whose images vary, turns it off meanwhile)."""
-    torch.use_deterministic_algorithms(deterministic)
+    (training crops have one shape; evaluation, whose images vary, turns it off meanwhile).
+
+    On a GPU, deterministic cuBLAS needs a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set here
+    before the first matmul unless already set), and a few CUDA kernels have no deterministic
+    version (the backward of bilinear upsampling and of adaptive average pooling): they warn
+    instead of stopping the run, so there a run is as deterministic as PyTorch allows, not bit
+    for bit."""
+    on_gpu = device.type == "cuda"
+    if deterministic and on_gpu and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        if torch.cuda.is_initialized():  # from Python, after other GPU work: cuBLAS may keep the workspace it has
+            log.warning("deterministic=true: CUBLAS_WORKSPACE_CONFIG is set after CUDA started in this process, so cuBLAS "
+                        "may not use it; set CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting Python")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(deterministic, warn_only=deterministic and on_gpu)
     torch.backends.cudnn.benchmark = training and device.type == "cuda" and not deterministic

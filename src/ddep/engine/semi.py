@@ -41,6 +41,7 @@ from ..data.shards import ShardImages, decode_key, shard_keys
 from ..data.splits import copied_images, image_keys, shared_images
 from ..data.transforms import IGNORE_INDEX
 from .distributed import DistInfo
+from .losses import supervised_loss
 from .trainer import Trainer, training_loader
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def check_unlabeled_apart(unlabeled: Dataset, val: Dataset, data: dict[str, Any]
     if isinstance(unlabeled, ShardImages):
         shared = images_from_source(val, unlabeled)
     else:
-        shared = max(shared_images(val, unlabeled), copied_images(val, unlabeled))
+        shared = max(shared_images(val, unlabeled), len(copied_images(val, unlabeled)))
     if not shared:
         return
     overlap = f"{shared} of the reported split's {len(val)} images are among the unlabeled images semi-supervised training uses"
@@ -170,7 +171,7 @@ class SemiSupervised:
         with trainer.autocast():
             inputs = torch.cat([batch["image"], unlabeled["image"]]) if weak else batch["image"]
             logits, perturbed = trainer.net(inputs, perturb=True) if self.fp_weight else (trainer.net(inputs), None)
-        supervised = F.cross_entropy(logits[:labeled].float(), batch["mask"], ignore_index=IGNORE_INDEX)
+        supervised = supervised_loss(logits[:labeled], batch["mask"])
         with torch.no_grad():
             if self.teacher is not None:
                 with trainer.autocast():

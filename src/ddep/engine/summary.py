@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from ..atomic import write_text_atomic
-from ..inference import predict
+from ..inference import evaluating, predict
 from ..noise import zero_prediction_loss
 from .predict import palette
 
@@ -115,12 +115,10 @@ def plot_curves(log: dict[str, list[tuple[int, float]]], path: Path) -> None:
 @torch.no_grad()
 def prediction_rows(model: torch.nn.Module, dataset, eval_config: dict[str, Any], device: torch.device, path: Path) -> None:
     """For the first images of ``dataset``: the image, its ground truth and the prediction, side by side."""
-    was_training = model.training
-    model.eval()
     mean, std = (torch.tensor(model.config[k]).view(3, 1, 1) for k in ("mean", "std"))
     colours = palette(model.config["classes"])
     rows = []
-    try:
+    with evaluating(model):
         for index in range(min(REPORT_IMAGES, len(dataset))):
             item = dataset[index]
             ids = predict(model, item["image"][None].to(device), **eval_config).argmax(1)[0].cpu().numpy()
@@ -128,8 +126,6 @@ def prediction_rows(model: torch.nn.Module, dataset, eval_config: dict[str, Any]
             row = np.concatenate([image, colours[item["mask"].numpy()], colours[ids]], axis=1)
             height = REPORT_HEIGHT
             rows.append(np.asarray(Image.fromarray(row).resize((row.shape[1] * height // row.shape[0], height), Image.NEAREST)))
-    finally:
-        model.train(was_training)
     width = max(row.shape[1] for row in rows)
     grid = np.concatenate([np.pad(row, ((0, 4), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows])
     Image.fromarray(grid).save(path)

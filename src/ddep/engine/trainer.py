@@ -170,6 +170,16 @@ def check_free_space(run_dir: Path, model: nn.Module, trainable: list[nn.Paramet
                       f"{(need - sum(held.values())) / 2**20:.0f} MiB more (out_dir=... elsewhere, or free some space)")
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``amp`` resolved: ``auto`` is bf16 on a GPU that computes in it (Ampere and newer), fp16
+    (with loss scaling) on an older one, and off on a CPU."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
 class Trainer:
     """Optimizer steps over a dataset, with everything a long run needs around them."""
 
@@ -260,11 +270,7 @@ class Trainer:
 
     @property
     def precision(self) -> str:
-        """``amp`` resolved: ``auto`` is bf16 on a GPU and off elsewhere."""
-        amp = self.config["amp"]
-        if amp == "auto":
-            return "bf16" if self.device.type == "cuda" else "off"
-        return amp
+        return resolve_amp(self.config["amp"], self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "off":
@@ -390,6 +396,9 @@ class Trainer:
             }
             for key, (total, count) in self._tracked.items():
                 row[key] = all_reduce_mean(float(total) / count, self.dist, self.device)
+            if self.device.type == "cuda":  # the peak since the last row, the largest rank's (mmseg logs it as `memory`)
+                row["memory_mib"] = all_reduce_max([torch.cuda.max_memory_allocated(self.device) >> 20], self.dist, self.device)[0]
+                torch.cuda.reset_peak_memory_stats(self.device)
             self.log(row)
             self._tracked = {}
             self._loss_sum, self._loss_count, self._images, self._timer = 0.0, 0, 0, time.perf_counter()
@@ -550,7 +559,9 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Resume from ``path``, or from the checkpoint before it if ``path`` is damaged."""
-        state, path = load_resumable(path, map_location=self.device)
+        # on the CPU: load_state_dict copies to the device, and Adam keeps its step counters where they
+        # were loaded (on a GPU they would cost a sync per parameter tensor and step)
+        state, path = load_resumable(path, map_location="cpu")
         if state.get("stage") != self.stage:
             raise ValueError(f"{path}: a {state.get('stage')} checkpoint cannot resume a {self.stage} run")
         saved, built = describe_model(state["model_config"]), describe_model(self.model.config)
@@ -581,6 +592,11 @@ class Trainer:
         self.check_shard_order(self.dataset)
         rng = ranks[self.dist.rank % len(ranks)]
         torch.set_rng_state(rng["torch"].cpu())
-        self.generator.set_state(rng["generator"].cpu())
+        try:
+            self.generator.set_state(rng["generator"].cpu())
+        except RuntimeError:  # saved by a generator on another kind of device: a CPU's state is not a GPU's
+            log.warning("%s: saved on another kind of device than this run's %s: the noise and other draws on the device "
+                        "go on from a new seed, not as an uninterrupted run's", path, self.device.type)
+            self.generator.manual_seed(self.config["seed"] * 7919 + self.dist.rank + 104729 * self.step)
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)

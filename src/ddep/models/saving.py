@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -62,6 +63,36 @@ def model_from_state(config: dict, state: dict[str, torch.Tensor], source: str) 
         )
     model.load_state_dict(state)
     return model
+
+
+def pretraining_result(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is what denoising pretraining made: a checkpoint of a pretraining run, or
+    the ``model/`` of a run folder whose config.yaml is a pretraining config (``ddep export`` of a
+    pretraining checkpoint is not recognised). Such a model predicts noise (or the clean image), not classes: scoring or drawing its three
+    output channels as classes would give a number or masks that mean nothing."""
+    weights = model_file(path)
+    if weights.suffix != ".safetensors" and weights.is_file():  # a checkpoint, wherever it lies
+        for mmap in (True, False):  # memory-mapped, only the small "stage" entry is read; older files load whole
+            try:
+                return torch.load(weights, map_location="cpu", weights_only=True, mmap=mmap).get("stage") == "pretrain"
+            except Exception:  # noqa: BLE001 - an unreadable checkpoint is load_model's to report
+                continue
+        return False
+    run_dir = weights.parent.parent  # runs/x/model/model.safetensors -> runs/x, when it is a run's folder
+    if weights.parent.name != "model" or not (run_dir / "checkpoints").is_dir() or not (run_dir / "config.yaml").is_file():
+        return False
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and "noise" in config and "mode" in config
+
+
+def refuse_pretraining_result(checkpoint: str | os.PathLike, command: str) -> None:
+    """A pretraining result predicts noise, not classes: refused by ``evaluate`` and ``predict``."""
+    if pretraining_result(checkpoint):
+        raise ValueError(f"{checkpoint} is a denoising-pretraining result: it predicts noise, not classes. Fine-tune it "
+                         f"first (ddep finetune init={checkpoint} ...), then {command} the fine-tuned model")
 
 
 def model_file(path: str | os.PathLike) -> Path:

@@ -151,6 +151,15 @@ def _load_local_weights(model: nn.Module, encoder: str, encoder_weights: str) ->
         raise ValueError(f"encoder_weights={encoder_weights!r} fits encoder '{TIMM_PREFIX}{fits}', not {encoder!r}")
 
 
+def check_dpt_fuses(model: nn.Module, encoder: str) -> None:
+    """smp's DPT decoder cannot fuse the features of a ViT whose patch size is not a power of two
+    (patch 14: DINOv2): it would fail at the first forward pass; refused by name instead."""
+    if isinstance(model, smp.DPT) and any(stride & (stride - 1) for stride in model.encoder.output_strides):
+        raise ValueError(f"smp:DPT on {encoder}: smp {smp.__version__}'s DPT decoder cannot fuse the features of a ViT whose patch "
+                         f"size is not a power of two ({model.encoder.output_strides[0]}; smp issue #1328): choose a patch-16 "
+                         "ViT, e.g. tu-vit_base_patch16_dinov3")
+
+
 def build_smp(
     cls: type, encoder: str, encoder_weights: str | None, decoder_width: int, classes: int, **options: Any
 ) -> Parts:
@@ -158,10 +167,7 @@ def build_smp(
     check_encoder_name(encoder)
     kwargs = smp_kwargs(cls, decoder_width, options)
     model = _construct(cls, encoder, None, classes, kwargs)  # checks the arguments before any download
-    if cls is smp.DPT and any(stride & (stride - 1) for stride in model.encoder.output_strides):
-        raise ValueError(f"smp:DPT on {encoder}: smp {smp.__version__}'s DPT decoder cannot fuse the features of a ViT whose patch "
-                         f"size is not a power of two ({model.encoder.output_strides[0]}; smp issue #1328): choose a patch-16 "
-                         "ViT, e.g. tu-vit_base_patch16_dinov3")
+    check_dpt_fuses(model, encoder)
     kind = weights_kind(encoder_weights)
     if kind == "tag":
         if encoder.startswith(TIMM_PREFIX):  # smp lets timm download; the tag goes into the name
@@ -330,6 +336,7 @@ def from_smp(model: nn.Module, mean: Sequence[float] | None = None, std: Sequenc
         raise ValueError(f"from_smp: {name} has a classification head (aux_params); ddep trains segmentation "
                          "heads only, so build it without aux_params")
     encoder, classes, options = _from_smp_init(cls, dict(model.config), "from_smp")
+    check_dpt_fuses(model, encoder)
     default_mean, default_std = normalisation(model.encoder)
     config = model_config(PREFIX + name, encoder, None, classes, 1, mean if mean is not None else default_mean,
                           std if std is not None else default_std, options)
