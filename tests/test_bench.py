@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -36,11 +37,51 @@ def test_gpu_script_runs_on_the_cpu_and_writes_bench_json(tmp_path):
     assert result["machine"]["device"] == "cpu"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "benchmarks" / "bench.py")
+def load_bench(name: str = "bench"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_gpu_smoke_reads_a_runs_losses_memory_and_miou(tmp_path):
+    smoke = load_bench("gpu_smoke")
+    rows = [(10, "loss", 2.0), (10, "memory_mib", 900), (20, "loss", 1.8), (30, "loss", 1.1), (30, "memory_mib", 1200),
+            (40, "loss", 0.9), (40, "images_per_s", 50), (40, "mask_ratio", 0.25)]
+    (tmp_path / "log.csv").write_text("step,key,value\n" + "".join(f"{s},{k},{v}\n" for s, k, v in rows))
+    (tmp_path / "metrics.json").write_text(json.dumps({"mIoU": 61.5}))
+    assert smoke.logged_step(tmp_path) == 40 and smoke.logged_step(tmp_path / "none") == 0
+    run = smoke.read_run(tmp_path)
+    assert run["losses_finite"] and run["loss_fell"] and (run["first_loss"], run["last_loss"]) == (2.0, 0.9)
+    assert (run["memory_mib_max"], run["mIoU"], run["mask_ratio"], run["images_per_s_median"]) == (1200, 61.5, 0.25, 50)
+    (tmp_path / "log.csv").write_text("step,key,value\n10,loss,1.0\n20,loss,nan\n30,loss,1.2\n40,loss,1.1\n")
+    run = smoke.read_run(tmp_path)
+    assert not run["losses_finite"] and not run["loss_fell"]
+
+
+def test_the_gpu_smoke_measures_how_far_two_runs_weights_are_apart(tmp_path):
+    smoke = load_bench("gpu_smoke")
+    weights = {"conv.weight": torch.tensor([1.0, -4.0]), "bn.num_batches_tracked": torch.tensor(3)}
+    for name, shift in (("a", 0.0), ("b", 0.0), ("c", 0.5)):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        moved = {**weights, "conv.weight": weights["conv.weight"] + torch.tensor([0.0, shift])}
+        torch.save({"model": moved, "model_config": {}}, tmp_path / name / "checkpoints" / "last.pt")
+    same = smoke.weight_difference(tmp_path / "a", tmp_path / "b")
+    assert same["equal"] and same["max_abs_diff"] == 0 and same["tensors_differing"] == 0
+    apart = smoke.weight_difference(tmp_path / "a", tmp_path / "c")
+    assert not apart["equal"] and apart["max_abs_diff"] == 0.5 and apart["max_rel_diff"] == 0.5 / 4
+    assert apart["worst_tensor"] == "conv.weight" and apart["tensors_differing"] == 1
+
+
+def test_the_gpu_check_script_parses_and_its_study_plans_its_runs(capsys):
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    from ddep.cli import main
+
+    assert main(["experiment", str(ROOT / "benchmarks" / "gpu_label_efficiency.yaml"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "seeds [0, 1, 2, 3, 4]" in plan
+    assert len(set(re.findall(r"runs/pretrain-\w+", plan))) == 1  # one pretraining, shared by the DDeP cells
+    assert len(set(re.findall(r"runs/finetune-\w+", plan))) == 40  # 2 label counts x 4 variants x 5 seeds
 
 
 def test_matmul_ceiling_counts_two_flops_per_multiply_add_at_the_best_time(monkeypatch):
