@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from ddep.engine.checkpoint import load_checkpoint
+from ddep.engine.summary import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("bf16", "fp16", "compile", "gpu-decode", "resume")
@@ -190,21 +191,13 @@ class Smoke:
 
 def logged_step(run_dir: Path) -> int:
     """The last step whose loss log.csv holds (0 before the first)."""
-    try:
-        rows = [line.split(",") for line in (run_dir / "log.csv").read_text().splitlines()[1:]]
-    except FileNotFoundError:
-        return 0
-    return max((int(row[0]) for row in rows if len(row) == 3 and row[1] == "loss"), default=0)
+    return max((step for step, _ in read_log(run_dir).get("loss", [])), default=0)
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """What a finished run's files say: losses (finite, falling), peak memory, images/s, mIoU."""
-    found: dict[str, list[float]] = {}
-    try:
-        for line in (run_dir / "log.csv").read_text().splitlines()[1:]:
-            step, key, value = line.split(",")
-            found.setdefault(key, []).append(float(value))
-    except FileNotFoundError:
+    found = {key: [value for _, value in series] for key, series in read_log(run_dir).items()}
+    if not found:
         return {"log": "missing"}
     losses = found.get("loss", [])
     result: dict[str, Any] = {

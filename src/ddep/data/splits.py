@@ -121,9 +121,10 @@ def image_keys(dataset) -> set[str]:
 
 
 def copied_images(dataset, other) -> list[tuple[Path, Path]]:
-    """``dataset``'s image files that have a byte-identical file among ``other``'s (the same file,
-    or a copy under another name), each with the first such file: sizes compared first, then the
-    SHA-1 of equal sizes."""
+    """``dataset``'s image files that are byte-identical copies of another file among ``other``'s
+    (under another name), each with the first such file: sizes compared first, then the SHA-1 of
+    equal sizes. An image that is one of ``other``'s own files is :func:`shared_images`' to count,
+    and is not read."""
     root, other_root = getattr(dataset, "root", None), getattr(other, "root", None)
     if root is None or other_root is None:
         return []
@@ -131,6 +132,7 @@ def copied_images(dataset, other) -> list[tuple[Path, Path]]:
     for image in _images(other):
         path = Path(other_root) / image
         by_size.setdefault(path.stat().st_size, []).append(path)
+    others = {path.resolve() for paths in by_size.values() for path in paths}
     digests: dict[Path, str] = {}
 
     def digest(path: Path) -> str:
@@ -141,6 +143,8 @@ def copied_images(dataset, other) -> list[tuple[Path, Path]]:
     copied = []
     for image in _images(dataset):
         path = Path(root) / image
+        if path.resolve() in others:
+            continue
         same = [candidate for candidate in by_size.get(path.stat().st_size, []) if digest(candidate) == digest(path)]
         if same:
             copied.append((path, same[0]))

@@ -119,8 +119,8 @@ def check_reported_split(val: Dataset, train: Dataset, data: dict[str, Any]) -> 
     if not shared and not copies:
         return
     described = f"data.val_split_file={data['val_split_file']}" if data["val_split_file"] else f"data.val_split={data['val_split']!r}"
-    overlap = f"the reported split ({described}, {len(val)} images) shares {max(shared, len(copies))} images with the training split"
-    if copies and len(copies) > shared:
+    overlap = f"the reported split ({described}, {len(val)} images) shares {shared + len(copies)} images with the training split"
+    if copies:
         overlap += f" (copies under other names among them, e.g. {copies[0][0]} is {copies[0][1]})"
     if data["allow_trained_images"]:
         log.warning("%s (data.allow_trained_images=true): its metrics are not a result to publish", overlap)

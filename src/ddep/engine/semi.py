@@ -95,7 +95,7 @@ def check_unlabeled_apart(unlabeled: Dataset, val: Dataset, data: dict[str, Any]
     if isinstance(unlabeled, ShardImages):
         shared = images_from_source(val, unlabeled)
     else:
-        shared = max(shared_images(val, unlabeled), len(copied_images(val, unlabeled)))
+        shared = shared_images(val, unlabeled) + len(copied_images(val, unlabeled))
     if not shared:
         return
     overlap = f"{shared} of the reported split's {len(val)} images are among the unlabeled images semi-supervised training uses"

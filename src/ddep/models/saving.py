@@ -68,16 +68,15 @@ def model_from_state(config: dict, state: dict[str, torch.Tensor], source: str) 
 def pretraining_result(path: str | os.PathLike) -> bool:
     """Whether ``path`` is what denoising pretraining made: a checkpoint of a pretraining run, or
     the ``model/`` of a run folder whose config.yaml is a pretraining config (``ddep export`` of a
-    pretraining checkpoint is not recognised). Such a model predicts noise (or the clean image), not classes: scoring or drawing its three
-    output channels as classes would give a number or masks that mean nothing."""
+    pretraining checkpoint is not recognised). Such a model predicts noise (or the clean image),
+    not classes: scoring or drawing its three output channels as classes would give a number or
+    masks that mean nothing."""
     weights = model_file(path)
     if weights.suffix != ".safetensors" and weights.is_file():  # a checkpoint, wherever it lies
-        for mmap in (True, False):  # memory-mapped, only the small "stage" entry is read; older files load whole
-            try:
-                return torch.load(weights, map_location="cpu", weights_only=True, mmap=mmap).get("stage") == "pretrain"
-            except Exception:  # noqa: BLE001 - an unreadable checkpoint is load_model's to report
-                continue
-        return False
+        try:  # memory-mapped (ddep's checkpoints are zip files): only the small "stage" entry is read
+            return torch.load(weights, map_location="cpu", weights_only=True, mmap=True).get("stage") == "pretrain"
+        except Exception:  # noqa: BLE001 - not a ddep checkpoint, or unreadable: load_model's to report
+            return False
     run_dir = weights.parent.parent  # runs/x/model/model.safetensors -> runs/x, when it is a run's folder
     if weights.parent.name != "model" or not (run_dir / "checkpoints").is_dir() or not (run_dir / "config.yaml").is_file():
         return False
