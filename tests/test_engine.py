@@ -31,15 +31,20 @@ def test_a_pretraining_result_is_not_scored_nor_drawn_as_classes(data, capsys):
     """It predicts noise in 3 channels: on a folder of 3 classes or fewer, evaluate would take them
     as classes and report a meaningless mIoU, and predict would draw meaningless masks."""
     run("pretrain", "data.root=data/images", *PRETRAIN, "steps=1", "name=pre")
+    run("export", "checkpoint=runs/pre/checkpoints/last.pt", "output=exported")
+    assert ("a denoising-pretraining result: fine-tune it (ddep finetune init=exported ...) before evaluating or "
+            "predicting with it") in capsys.readouterr().out
+    shutil.copytree("runs/pre/model", "copied")  # away from its run folder: the weights' header still says it
     for command, path in (("evaluate", "runs/pre/model"), ("evaluate", "runs/pre/checkpoints/last.pt"),
-                          ("predict", "runs/pre/model/model.safetensors")):
+                          ("predict", "runs/pre/model/model.safetensors"), ("evaluate", "exported"),
+                          ("predict", "copied")):
         extra = ["data.root=data"] if command == "evaluate" else ["input=data/images/val", "output=preds"]
         assert main([command, f"checkpoint={path}", *extra, "device=cpu"]) == 1
         verb = "evaluate" if command == "evaluate" else "predict with"
         assert (f"{path} is a denoising-pretraining result: it predicts noise, not classes. Fine-tune it first "
                 f"(ddep finetune init={path} ...), then {verb} the fine-tuned model") in capsys.readouterr().err
     assert not Path("preds").exists() and not Path("runs/evaluate").exists()
-    run("finetune", "init=runs/pre/model", "data.root=data", *FINETUNE, "steps=1", "name=fine")
+    run("finetune", "init=exported", "data.root=data", *FINETUNE, "steps=1", "name=fine")
     run("evaluate", "checkpoint=runs/fine/model", "data.root=data", "name=scored")  # the fine-tuned model is scored
     # a folder of one's own beside a pretraining config.yaml is not a pretraining run's model/
     shutil.copytree("runs/fine/model", "mine")

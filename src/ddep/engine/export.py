@@ -45,7 +45,7 @@ import torch
 from ..atomic import fsync_dir, process_alive, write_atomic, write_error
 from ..choices import listed
 from ..data.splits import TRAIN_RECORD, read_train_record
-from ..models.saving import CONFIG_FILE, WEIGHTS_FILE, load_model, save_model
+from ..models.saving import CONFIG_FILE, WEIGHTS_FILE, load_model, pretraining_result, save_model
 from ..models.segmenter import SegmentationModel
 from ..models.smp_models import SmpModel, save_smp
 
@@ -212,12 +212,16 @@ def export(config: dict[str, Any]) -> Path:
     graph = trace_onnx(model, config["onnx_size"], verbose) if config["onnx"] else None
     stale, leftovers = survey_output(output, writes_smp, graph is not None, record is not None, overwrite)
 
-    save_model(model, output)
+    pretrained = pretraining_result(config["checkpoint"])  # said in the weights' header: evaluate and predict refuse it
+    save_model(model, output, stage="pretrain" if pretrained else None)
     written = [output / WEIGHTS_FILE, output / CONFIG_FILE]
     if record is not None:
         text = record[0].read_text()
         written.append(write_atomic(output / TRAIN_RECORD, lambda f: f.write(text.encode())))
     print(f"exported to {output} ({', '.join(map(str, written))})")
+    if pretrained:
+        print(f"a denoising-pretraining result: fine-tune it (ddep finetune init={output} ...) before evaluating or "
+              "predicting with it")
     if writes_smp:
         folder = save_smp(model, output / SMP_FOLDER)
         print(f"smp model (segmentation_models_pytorch.from_pretrained): {folder} "

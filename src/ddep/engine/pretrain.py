@@ -80,7 +80,7 @@ def pretrain(config: dict[str, Any], resume: bool | str | None = None, model: Se
                 save_grid(run.dir / "images" / f"step{trainer.step:07d}.png", step, config["noise"])
         trainer.save("last.pt")
         if run.dist.is_main:
-            save_model(model, run.dir / "model")
+            save_model(model, run.dir / "model", stage="pretrain")
         trainer.close()
         return run.dir
     finally:

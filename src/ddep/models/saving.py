@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -21,14 +22,18 @@ from .smp_models import config_from_smp, is_smp_config
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+STAGE_KEY = "ddep_stage"  # in the weights file's header: "pretrain" for what denoising pretraining made
 
 
-def save_model(model: SegmentationModel, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically)."""
+def save_model(model: SegmentationModel, directory: str | os.PathLike, stage: str | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically).
+    ``stage`` goes into the weights file's header, so that the file, copied or exported anywhere,
+    still says it is a pretraining result."""
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = dict(model.config, encoder_weights=None)  # the weights are in the file itself
-    write_atomic(directory / WEIGHTS_FILE, lambda f: f.write(safetensors_bytes(state)))
+    metadata = {STAGE_KEY: stage} if stage else None
+    write_atomic(directory / WEIGHTS_FILE, lambda f: f.write(safetensors_bytes(state, metadata=metadata)))
     write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2))
     return directory
 
@@ -66,17 +71,22 @@ def model_from_state(config: dict, state: dict[str, torch.Tensor], source: str) 
 
 
 def pretraining_result(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is what denoising pretraining made: a checkpoint of a pretraining run, or
-    the ``model/`` of a run folder whose config.yaml is a pretraining config (``ddep export`` of a
-    pretraining checkpoint is not recognised). Such a model predicts noise (or the clean image),
-    not classes: scoring or drawing its three output channels as classes would give a number or
-    masks that mean nothing."""
+    """Whether ``path`` is what denoising pretraining made: a checkpoint of a pretraining run, a
+    weights file whose header says so (a pretraining run's ``model/``, ``ddep export`` of one), or
+    the ``model/`` of a run folder whose config.yaml is a pretraining config (written before the
+    header said so). Such a model predicts noise (or the clean image), not classes: scoring or
+    drawing its three output channels as classes would give a number or masks that mean nothing."""
     weights = model_file(path)
-    if weights.suffix != ".safetensors" and weights.is_file():  # a checkpoint, wherever it lies
-        try:  # memory-mapped (ddep's checkpoints are zip files): only the small "stage" entry is read
+    if not weights.is_file():
+        return False  # load_model's to report
+    try:
+        if weights.suffix != ".safetensors":  # a checkpoint, memory-mapped (a zip file): only its "stage" is read
             return torch.load(weights, map_location="cpu", weights_only=True, mmap=True).get("stage") == "pretrain"
-        except Exception:  # noqa: BLE001 - not a ddep checkpoint, or unreadable: load_model's to report
-            return False
+        with safe_open(weights, "pt") as f:  # the header only
+            if (f.metadata() or {}).get(STAGE_KEY) == "pretrain":
+                return True
+    except Exception:  # noqa: BLE001 - not a ddep checkpoint or model, or unreadable: load_model's to report
+        return False
     run_dir = weights.parent.parent  # runs/x/model/model.safetensors -> runs/x, when it is a run's folder
     if weights.parent.name != "model" or not (run_dir / "checkpoints").is_dir() or not (run_dir / "config.yaml").is_file():
         return False
