@@ -300,6 +300,34 @@ def test_evaluation_and_the_report_images_let_cudnn_keep_its_heuristics_restore_
     assert torch.equal(torch.get_rng_state(), state)  # nothing drawn from the stream training's dropout draws from
 
 
+class _ValImages(torch.utils.data.Dataset):
+    """Five random images and masks, which say whether a loader's worker process read them."""
+
+    num_classes = 3
+
+    def __init__(self, in_workers: bool):
+        self.in_workers = in_workers
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, index):
+        assert (torch.utils.data.get_worker_info() is not None) == self.in_workers
+        generator = torch.Generator().manual_seed(index)
+        return {"image": torch.randn(3, 16, 16, generator=generator), "mask": torch.randint(0, 3, (16, 16), generator=generator)}
+
+
+class _Pixelwise(torch.nn.Conv2d):
+    config = {"mean": [0.0] * 3, "std": [1.0] * 3, "classes": 3}
+
+
+def test_evaluation_reads_the_images_in_data_num_workers_processes_and_scores_the_same():
+    model = _Pixelwise(3, 3, 1)
+    alone = evaluate_model(model, _ValImages(in_workers=False), {"mode": "whole"}, torch.device("cpu"))
+    read_by_workers = evaluate_model(model, _ValImages(in_workers=True), {"mode": "whole"}, torch.device("cpu"), num_workers=2)
+    assert read_by_workers == alone and 0 < alone["mIoU"] < 100
+
+
 def test_a_held_out_part_of_the_labeled_images_chooses_the_checkpoint(data):
     from ddep.config import load_config
     from ddep.data.splits import split_hash

@@ -71,6 +71,14 @@ def test_a_key_with_no_counterpart_in_the_command_gets_no_misleading_suggestion(
     assert f"; {note}" in message if note else message == "unknown config key 'max_steps'"
 
 
+@pytest.mark.parametrize("command, override", [("finetune", "data.val_batch_size=8"), ("evaluate", "data.batch_size=8"),
+                                               ("evaluate", "data.samples_per_gpu=8"), ("finetune", "eval_batch_size=4")])
+def test_an_evaluation_batch_size_is_refused_saying_why_there_is_none(command, override):
+    assert config_error(command, override) == (
+        f"unknown config key {override.partition('=')[0]!r}: evaluation takes one image at a time, as mmsegmentation "
+        "does (the images' sizes differ), and data.num_workers processes read them")
+
+
 def test_valid_keys_still_load():
     config = load_config("finetune", overrides=["epochs=3", "data.options.num_classes=2", "optim.lr=1e-3"])
     assert config["epochs"] == 3 and config["optim"]["lr"] == 1e-3

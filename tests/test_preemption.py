@@ -20,6 +20,7 @@ from ddep.engine import finetune as finetune_module
 from ddep.engine import trainer as trainer_module
 from ddep.engine.checkpoint import load_checkpoint
 from ddep.engine.preemption import EXIT_PREEMPTED
+from ddep.engine.run import config_differences
 from test_engine import DROPOUT_MODEL
 from test_reliability import assert_same_weights, final_weights, logged_steps
 
@@ -151,17 +152,24 @@ def test_resume_auto_on_an_empty_a_resumable_and_a_foreign_run_folder(data, caps
 
 
 def test_resume_auto_continues_a_run_that_an_older_ddep_made(data, monkeypatch):
-    """Its config.yaml lacks the keys added since (their defaults count) and, beside init, holds
-    the default model an older ddep recorded instead of init's."""
+    """Its config.yaml lacks the keys added since (their defaults count), holds one ddep no longer
+    has and, beside init, the default model an older ddep recorded instead of init's."""
     assert main(["pretrain", *ARGS["pretrain"], "steps=1", "name=pre"]) == 0
     args = [*ARGS["finetune"], "init=runs/pre/model", "name=old"]
     interrupt_after(monkeypatch, "finetune", args, step=3)
     saved = yaml.safe_load(Path("runs/old/config.yaml").read_text())
     del saved["data"]["allow_trained_images"], saved["data"]["val_split_file"]
+    saved["data"]["val_batch_size"] = 1  # removed: it never did anything
     saved["model"]["encoder"] = "resnet50"
     Path("runs/old/config.yaml").write_text(yaml.safe_dump(saved))
     assert main(["finetune", *args, "--resume", "auto"]) == 0
     assert load_checkpoint("runs/old/checkpoints/last.pt")["step"] == 6
+
+
+def test_a_setting_ddep_no_longer_has_is_no_difference_but_an_option_it_lacks_is():
+    config = {"seed": 0, "data": {"split": "train", "options": {}}}
+    saved = {"seed": 0, "data": {"split": "train", "val_batch_size": 4, "options": {"num_classes": 3}}}
+    assert config_differences(saved, config) == ["data.options.num_classes: 3 there, None here"]
 
 
 def test_a_run_resumed_on_another_kind_of_device_warns_reseeds_and_finishes(data, monkeypatch, caplog):

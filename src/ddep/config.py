@@ -76,7 +76,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "photometric": False,  # mmseg's PhotoMetricDistortion on the image
                  "labeled": None, "labeled_seed": 0,
                  "select_fraction": 0.0,  # held out of the labeled images to choose a checkpoint on (0: none, the final one)
-                 "val_split": "val", "val_batch_size": 1,
+                 "val_split": "val",  # evaluated one image at a time, as mmsegmentation does (their sizes differ)
                  "val_split_file": None,  # the reported images as a split file, instead of the val_split folder
                  "allow_trained_images": False},  # report on a split that shares images with the trained ones (never do)
         "eval": EVAL,
@@ -96,7 +96,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "evaluate": {
         **COMMON,
         "checkpoint": None,
-        "data": {**DATA, "dataset": "folder", "split": "val", "batch_size": 1,
+        # one image at a time, as mmsegmentation does (their sizes differ): no batch_size
+        "data": {**{k: v for k, v in DATA.items() if k != "batch_size"}, "dataset": "folder", "split": "val",
                  "allow_trained_images": False},  # evaluate on images the model was trained on (never report it)
         "eval": EVAL,
     },
@@ -224,15 +225,22 @@ def _dataset_options(name: Any) -> list[str]:
     return keys + ["source"] * (name == "unlabeled")
 
 
+#: Other libraries' names for an evaluation batch size (and ddep's own, before it was removed).
+EVAL_BATCH_KEYS = ("val_batch_size", "eval_batch_size", "test_batch_size", "per_device_eval_batch_size")
+
+
 def _unknown_key(full: str, root: dict, whole: dict) -> str:
     """The one-line error for an unknown key: the key meant (its last part anywhere, a ``data.options``
     key of the dataset chosen, or another library's name for it), or why there is none."""
+    leaf = full.rsplit(".", 1)[-1].lower().replace("-", "_")
+    command = next((name for name, defaults in DEFAULTS.items() if defaults is root), None)
+    if leaf in EVAL_BATCH_KEYS or (command == "evaluate" and "batch_size" in SYNONYMS.get(leaf, ())):
+        return (f"unknown config key {full!r}: evaluation takes one image at a time, as mmsegmentation does (the images' "
+                "sizes differ), and data.num_workers processes read them")
     dataset = whole.get("data", {}).get("dataset") if isinstance(root.get("data"), dict) else None
     keys = _flat_keys(root) + [f"data.options.{key}" for key in _dataset_options(dataset)]
     hint = did_you_mean(full, keys, keys=True)
-    leaf = full.rsplit(".", 1)[-1].lower().replace("-", "_")
     if not hint and "num_classes" in SYNONYMS.get(leaf, ()):
-        command = next((name for name, defaults in DEFAULTS.items() if defaults is root), None)
         hint = ("; pretraining learns no classes: fine-tuning sets them (data.options.num_classes=K for a folder dataset)"
                 if command == "pretrain" else
                 f"; {command} takes the class count from the model" if command in ("predict", "export") else

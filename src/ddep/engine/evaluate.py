@@ -22,20 +22,26 @@ from ..inference import describe_mode, eval_for_model, evaluating, predict
 from ..metrics import SegMetric
 from ..models.saving import load_model, model_file, refuse_pretraining_result
 from .distributed import DistInfo, shutdown
+from .preemption import release_at_exit, worker_init
 from .run import start_run
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, dataset, eval_config: dict[str, Any], device: torch.device, dist_info: DistInfo = DistInfo()) -> dict[str, Any]:
+def evaluate_model(model: nn.Module, dataset, eval_config: dict[str, Any], device: torch.device, dist_info: DistInfo = DistInfo(),
+                   num_workers: int = 0) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset``; each rank takes every world-th image (no padding, so
-    no image counts twice) and the confusion matrices are summed across ranks."""
+    no image counts twice) and the confusion matrices are summed across ranks. ``num_workers``
+    processes read the images meanwhile (a large val image takes longer to decode than to
+    segment on a GPU); like the training loader's, they leave stop signals to the main process."""
     metric = SegMetric(dataset.num_classes)
     shard = Subset(dataset, range(dist_info.rank, len(dataset), dist_info.world_size))
+    # a generator of its own: an evaluation between training steps leaves the stream dropout draws from alone
+    loader = DataLoader(shard, batch_size=1, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=worker_init(release_at_exit()) if num_workers else None, generator=torch.Generator())
     with evaluating(model):
-        # a generator of its own: an evaluation between training steps leaves the stream dropout draws from alone
-        for item in DataLoader(shard, batch_size=1, num_workers=0, generator=torch.Generator()):
+        for item in loader:
             image = item["image"].to(device)
             probabilities = predict(model, image, **eval_config)
             metric.update(probabilities.argmax(1).cpu(), item["mask"])
@@ -109,7 +115,7 @@ def evaluate(config: dict[str, Any]) -> Path:
     try:
         model.to(run.device)
         eval_config = eval_for_model(config["eval"], model)
-        metrics = evaluate_model(model, dataset, eval_config, run.device, run.dist)
+        metrics = evaluate_model(model, dataset, eval_config, run.device, run.dist, data["num_workers"])
         if run.dist.is_main:
             write_metrics(run.dir / "metrics.json", metrics, eval_config, dataset, model_file(config["checkpoint"]),
                           trained_images=trained, num_classes=dataset.num_classes, num_classes_from=classes_from,

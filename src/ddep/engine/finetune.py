@@ -230,7 +230,8 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
             barrier(run.dist)  # rank 0 may still be writing best.pt
         chosen = model if sets.select is None else load_model(best).to(run.device)  # the run's result
         if "final_metrics" not in trainer.extra:  # a resumed finished run has them
-            metrics = trainer.extra["final_metrics"] = evaluate_model(chosen, sets.val, eval_config, run.device, run.dist)
+            metrics = trainer.extra["final_metrics"] = evaluate_model(chosen, sets.val, eval_config, run.device, run.dist,
+                                                                      config["data"]["num_workers"])
             trainer.log({"step": trainer.step, "val_mIoU": metrics["mIoU"], "val_aAcc": metrics["aAcc"]})
         last = trainer.save("last.pt")
         if run.dist.is_main:
@@ -258,13 +259,14 @@ def finetune(config: dict[str, Any], resume: bool | str | None = None, model: Se
 def periodic_evaluation(trainer: Trainer, sets: FinetuneData, eval_config: dict[str, Any], run) -> None:
     """On the held-out images, keeping the best checkpoint as ``best.pt``; without them, on the
     reported split for the log only (nothing is chosen by it)."""
+    workers = trainer.config["data"]["num_workers"]
     if sets.select is None:
         if trainer.step == trainer.total_steps:
             return  # the final evaluation follows the loop
-        metrics = evaluate_model(trainer.model, sets.val, eval_config, run.device, run.dist)
+        metrics = evaluate_model(trainer.model, sets.val, eval_config, run.device, run.dist, workers)
         trainer.log({"step": trainer.step, "val_mIoU": metrics["mIoU"], "val_aAcc": metrics["aAcc"]})
         return
-    metrics = evaluate_model(trainer.model, sets.select, eval_config, run.device, run.dist)
+    metrics = evaluate_model(trainer.model, sets.select, eval_config, run.device, run.dist, workers)
     trainer.log({"step": trainer.step, "select_mIoU": metrics["mIoU"], "select_aAcc": metrics["aAcc"]})
     if metrics["mIoU"] > trainer.extra.get("best_mIoU", -1.0):
         trainer.extra["best_mIoU"], trainer.extra["best_step"] = metrics["mIoU"], trainer.step

@@ -65,8 +65,9 @@ def with_model(config: dict[str, Any], model: SegmentationModel | None) -> dict[
 def config_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
     """``key: A there, B here`` for every setting that differs, the result-neutral ones left out.
 
-    A key the saved config lacks (a run made by an older ddep) counts as its default; with the same
-    ``init``, the model is init's either way, so the ``model`` sections are not compared."""
+    A key the saved config lacks (a run made by an older ddep) counts as its default, and a setting
+    this ddep no longer has (``data.val_batch_size``, say) is not compared; with the same ``init``,
+    the model is init's either way, so the ``model`` sections are not compared."""
     defaults = next((d for d in DEFAULTS.values() if d.keys() == config.keys()), {})
     same_init = bool(saved.get("init")) and saved.get("init") == config.get("init")
     skip = {*RESULT_NEUTRAL_KEYS, *(["model"] if same_init else [])}
@@ -74,13 +75,18 @@ def config_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[st
                         {k: v for k, v in defaults.items() if k not in skip})
 
 
-def _differences(saved: dict[str, Any], config: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
+def _differences(saved: dict[str, Any], config: dict[str, Any], defaults: dict[str, Any], prefix: str = "",
+                 options: bool = False) -> list[str]:
+    """``options``: the keys are a dataset's or a model's options, which have no defaults here."""
     out = []
     for key in sorted(set(saved) | set(config)):
+        if key not in config and not options:
+            continue  # a setting an older ddep had
         default = defaults.get(key)
         a, b = saved.get(key, default), config.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, default if isinstance(default, dict) and key != "options" else {}, f"{prefix}{key}.")
+            out += _differences(a, b, default if isinstance(default, dict) and key != "options" else {}, f"{prefix}{key}.",
+                                options or key == "options")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} there, {b!r} here")
     return out
